@@ -84,6 +84,9 @@ def family_module(dataset: str):
 def default_split(dataset: str) -> str:
     from instructblip.data import registry
 
+    if dataset.startswith(SHAPESWORLD_PREFIX):
+        importlib.import_module("instructblip.shapesworld.tasks")  # registers the ShapesWorld datasets
+
     info = registry.DATASETS.get(dataset)
     split = None if info is None else (info.eval_split if info.held_out else info.train_split)
     if split is None:
@@ -95,7 +98,7 @@ def _check_options(dataset: str, function, options: dict) -> None:
     parameters = inspect.signature(function).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
-    fixed = {"dataset", "src", "out", "split", "shard_size"}
+    fixed = {"dataset", "src", "out", "split", "shard_size", "progress"}
     allowed = sorted(name for name in parameters if name not in fixed)
     unknown = sorted(set(options) - set(parameters))
     if unknown:
@@ -104,7 +107,15 @@ def _check_options(dataset: str, function, options: dict) -> None:
         )
 
 
-def convert(dataset: str, src, out, split: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE, **options):
+def convert(
+    dataset: str,
+    src,
+    out,
+    split: str | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    progress: bool = True,
+    **options,
+):
     """Convert one split of one dataset; returns the :class:`~data_prep.shards.ShardSummary`."""
     from data_prep.shards import write_shards
 
@@ -112,12 +123,17 @@ def convert(dataset: str, src, out, split: str | None = None, shard_size: int = 
     if split is None:
         split = default_split(dataset)
     if hasattr(module, "records"):
+        if src is None:
+            raise ConfigError(f"{dataset}: src=DIR is required (the folder the dataset's download unpacks to)")
         _check_options(dataset, module.records, options)
         source = module.records(dataset, Path(src), split, **options)
         return write_shards(
-            source.items, out, dataset, split, shard_size=shard_size, total=source.total, options=options
+            source.items, out, dataset, split, shard_size=shard_size, total=source.total, options=options,
+            progress=progress,
         )
     _check_options(dataset, module.convert, options)
+    if "progress" in inspect.signature(module.convert).parameters:
+        options["progress"] = progress
     return module.convert(
         None if src is None else Path(src), Path(out), split, shard_size, dataset=dataset, **options
     )

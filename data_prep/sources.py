@@ -95,3 +95,25 @@ def require(row: dict, keys: Sequence[str]) -> str | None:
     """None when every key is present and not None; else a detail naming the missing ones."""
     missing = [key for key in keys if row.get(key) is None]
     return f"missing field(s) {missing}" if missing else None
+
+
+def media_root(src: Path, images: str | Path | None) -> Path:
+    """Where the official image (or video) folders sit: ``images=`` when given (e.g. a shared COCO root holding
+    train2014/, val2014/, train2017/ ...), else ``src``."""
+    return Path(images) if images is not None else Path(src)
+
+
+def coco_file(subdir: str, image_id) -> str:
+    """COCO 2014/2015 naming: ``train2014/COCO_train2014_000000262148.jpg``."""
+    return f"{subdir}/COCO_{subdir}_{int(image_id):012d}.jpg"
+
+
+def as_int(value) -> int | None:
+    """``int(value)`` for ints and digit strings, else None (the caller skips the record as a bad field)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
