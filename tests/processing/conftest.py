@@ -81,3 +81,10 @@ def t5_tokenizer():
 @pytest.fixture(scope="session")
 def bert_tokenizer():
     return qformer_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    from instructblip.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama", "llama")
