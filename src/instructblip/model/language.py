@@ -1,0 +1,219 @@
+"""The LLM side: any transformers causal LM (LLaMA/Vicuna, ...) or T5/FlanT5, fed the projected query outputs.
+
+Layouts (Q = number of visual tokens, T*num_query_tokens for video):
+
+* decoder-only, training/scoring: ``[Q visual] BOS instruction answer EOS PAD...`` (right padding); ``labels`` come
+  as long as ``input_ids`` (-100 on BOS, instruction and padding) and get Q columns of -100 prepended; the loss is
+  the token mean of the shifted cross-entropy, computed in fp32. Position ids 0..N-1, as transformers' forward.
+* decoder-only, generation: ``[Q visual] PAD... BOS prompt`` (left padding); transformers' generate derives the
+  position ids from the attention mask's cumulative sum, so positions skip the pads.
+* encoder-decoder: encoder ``[Q visual] instruction </s> PAD...``; decoder input = labels shifted right from the
+  decoder start token; loss = token-mean cross-entropy over labels != -100, in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from instructblip.errors import ConfigError
+
+DECODER_ONLY = "decoder_only"
+ENCODER_DECODER = "encoder_decoder"
+
+
+def text_config_from_dict(llm: dict):
+    """A transformers ``PretrainedConfig`` from a plain dict with ``model_type`` (one-line error when unknown)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    values = dict(llm)
+    model_type = values.pop("model_type", None)
+    if model_type not in CONFIG_MAPPING:
+        raise ConfigError(
+            f"llm.model_type={model_type!r} is not a transformers architecture "
+            f"(e.g. 'llama', 't5', 'opt', 'mistral', 'qwen2')"
+        )
+    return AutoConfig.for_model(model_type, **values)
+
+
+def llm_kind(text_config) -> str:
+    """``decoder_only`` for any causal LM, ``encoder_decoder`` for T5-style seq2seq models."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+
+    if getattr(text_config, "is_encoder_decoder", False):
+        if type(text_config) in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING:
+            return ENCODER_DECODER
+    elif type(text_config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return DECODER_ONLY
+    raise ConfigError(
+        f"llm.model_type={text_config.model_type!r} is neither a causal LM nor an encoder-decoder LM in transformers"
+    )
+
+
+def llm_class(text_config):
+    """The transformers model class for a text config (``LlamaForCausalLM``, ``T5ForConditionalGeneration``, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+
+    mapping = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if llm_kind(text_config) == ENCODER_DECODER else MODEL_FOR_CAUSAL_LM_MAPPING
+    return mapping[type(text_config)]
+
+
+class LanguageModel(nn.Module):
+    """Wraps a transformers LM (``hf_model``) with the InstructBLIP input layout, loss and generation."""
+
+    def __init__(self, llm: dict, hf_model: nn.Module | None = None):
+        super().__init__()
+        self.text_config = text_config_from_dict(llm) if hf_model is None else hf_model.config
+        self.kind = llm_kind(self.text_config)
+        self.hf_model = hf_model if hf_model is not None else llm_class(self.text_config)._from_config(self.text_config)
+
+    @property
+    def hidden_size(self) -> int:
+        config = self.text_config
+        return getattr(config, "hidden_size", None) or config.d_model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_model.get_input_embeddings().weight.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf_model.get_input_embeddings().weight.dtype
+
+    def embed_with_visual(
+        self, visual: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[visual; embed(input_ids)]`` and the mask with ones over the visual tokens."""
+        embeds = self.hf_model.get_input_embeddings()(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        visual_mask = torch.ones(visual.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
+        return (
+            torch.cat([visual.to(embeds.dtype), embeds], dim=1),
+            torch.cat([visual_mask, attention_mask], dim=1),
+        )
+
+    def forward(
+        self,
+        visual: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (logits, loss). Decoder-only logits cover the whole ``[visual; text]`` sequence."""
+        inputs_embeds, mask = self.embed_with_visual(visual, input_ids, attention_mask)
+        if self.kind == DECODER_ONLY:
+            logits = self.hf_model(inputs_embeds=inputs_embeds, attention_mask=mask, use_cache=False).logits
+            loss = None
+            if labels is not None:
+                ignore = labels.new_full(visual.shape[:2], -100)
+                full_labels = torch.cat([ignore, labels], dim=1)
+                loss = token_mean_cross_entropy(logits[:, :-1], full_labels[:, 1:])
+            return logits, loss
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("an encoder-decoder LLM needs labels or decoder_input_ids")
+            decoder_input_ids = self.hf_model._shift_right(labels)
+        logits = self.hf_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            use_cache=False,
+        ).logits
+        loss = token_mean_cross_entropy(logits, labels) if labels is not None else None
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        visual: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        visual_token_id: int | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """New token ids (B*num_return_sequences, new), padded with the pad id, without prompt or decoder start.
+
+        Decoder-only: when ``visual_token_id`` is given, the prompt ids ``[visual_token_id]*Q + input_ids`` go to
+        transformers' generate along with the embeddings, exactly as transformers' InstructBLIP does (so a
+        repetition penalty also sees the prompt); without it only the embeddings go (LAVIS: the penalty sees only
+        generated tokens).
+        """
+        inputs_embeds, mask = self.embed_with_visual(visual, input_ids, attention_mask)
+        inputs = {"inputs_embeds": inputs_embeds, "attention_mask": mask}
+        if self.kind == DECODER_ONLY:
+            prompt_length = 0
+            if visual_token_id is not None:
+                visual_ids = input_ids.new_full(visual.shape[:2], visual_token_id)
+                inputs["input_ids"] = torch.cat([visual_ids, input_ids], dim=1)
+                prompt_length = inputs["input_ids"].shape[1]
+            return self.hf_model.generate(**inputs, **generate_kwargs)[:, prompt_length:]
+        return self.hf_model.generate(**inputs, **generate_kwargs)[:, 1:]
+
+    def candidate_log_likelihoods(
+        self,
+        visual: torch.Tensor,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        candidate_ids: torch.Tensor,
+        candidate_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Summed log-likelihood of each candidate continuation, one per row (all inputs have the same rows).
+
+        Decoder-only: rows are ``[visual] prompt candidate PAD...`` with the prompt's own padding moved to the end,
+        so every prompt is directly followed by its candidate. Encoder-decoder: the encoder reads
+        ``[visual] prompt`` and the decoder scores the candidate (which should end with ``</s>``).
+        """
+        if self.kind == DECODER_ONLY:
+            ids, mask, targets = _join_right_padded(prompt_ids, prompt_mask, candidate_ids, candidate_mask)
+            logits, _ = self.forward(visual, ids, mask)
+            visual_ignore = targets.new_full(visual.shape[:2], -100)
+            targets = torch.cat([visual_ignore, targets], dim=1)[:, 1:]
+            logits = logits[:, :-1]
+        else:
+            targets = candidate_ids.masked_fill(candidate_mask == 0, -100)
+            logits, _ = self.forward(
+                visual, prompt_ids, prompt_mask, labels=targets, decoder_attention_mask=candidate_mask
+            )
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        picked = log_probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return (picked * (targets != -100)).sum(dim=1)
+
+
+def token_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the tokens whose label is not -100, in fp32 whatever the logits' dtype."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def _join_right_padded(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, candidate_ids: torch.Tensor, candidate_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows ``prompt candidate PAD...`` from padded prompts and candidates (either padding side), plus targets
+    (-100 outside the candidate), without a Python loop over rows: each token is scattered to its joined position."""
+    rows = prompt_ids.shape[0]
+    length = prompt_ids.shape[1] + candidate_ids.shape[1]
+    # Real tokens keep their order whichever side the padding was on.
+    prompt_positions = prompt_mask.cumsum(dim=1) - 1
+    candidate_positions = prompt_mask.sum(dim=1, keepdim=True) + candidate_mask.cumsum(dim=1) - 1
+    pad_id = 0
+    ids = prompt_ids.new_full((rows, length), pad_id)
+    mask = prompt_mask.new_zeros((rows, length))
+    targets = prompt_ids.new_full((rows, length), -100)
+    # Padding positions are sent to a scratch column past the end and cut off afterwards.
+    scratch = length
+    ids = torch.cat([ids, ids[:, :1]], dim=1)
+    mask = torch.cat([mask, mask[:, :1]], dim=1)
+    targets = torch.cat([targets, targets[:, :1]], dim=1)
+    p_pos = torch.where(prompt_mask.bool(), prompt_positions, scratch)
+    c_pos = torch.where(candidate_mask.bool(), candidate_positions, scratch)
+    ids.scatter_(1, p_pos, prompt_ids)
+    ids.scatter_(1, c_pos, candidate_ids)
+    mask.scatter_(1, p_pos, prompt_mask)
+    mask.scatter_(1, c_pos, candidate_mask)
+    targets.scatter_(1, c_pos, candidate_ids)
+    return ids[:, :length], mask[:, :length], targets[:, :length]
