@@ -1,0 +1,317 @@
+"""The LightningModule of the generative stages: BLIP-2 stage 2, instruction tuning and finetuning.
+
+It wraps the plain :class:`~instructblip.model.instructblip.InstructBlip` (no Lightning inside the model) and owns
+what the stage decides: which parameters train (``trainable``: parameter-name prefixes, LAVIS' choice by default:
+query tokens, Q-Former, projection, ``ln_vision``), the frozen towers kept in eval mode and, on a GPU, stored in
+bf16, the optimiser and schedule (factories from the config), the non-finite-loss guard, the training logs and the
+held-in validation with the evaluation metrics.
+
+Resume state (see :mod:`instructblip.train.checkpointing`): the checkpoint's ``state_dict`` holds the trainable
+parameters only, never the frozen towers (they are rebuilt from their source); Lightning adds the optimiser,
+scheduler, loop counters and the DataModule's data position; :meth:`on_save_checkpoint` adds the RNG states.
+
+Determinism: dropout draws its randomness from a seed derived from the first sample index of the micro-batch, so a
+micro-batch trains the same way on one process with accumulation, on any rank of a DDP group, and after a resume.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from instructblip.errors import CheckpointError, ConfigError, InstructBlipError
+from instructblip.train.data import position_seed
+
+BOOKKEEPING_KEYS = ("dataset", "sample_index")
+
+
+class NonFiniteLossError(InstructBlipError):
+    """Too many optimiser steps in a row had a NaN/inf loss or gradient."""
+
+
+def select_trainable(model: nn.Module, prefixes: list[str]) -> tuple[list[str], list[str]]:
+    """Freeze everything, then unfreeze the parameters whose name starts with one of ``prefixes``.
+
+    Returns (trainable names, frozen names); a prefix that matches nothing is a config error naming the choices.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    unmatched = [p for p in prefixes if not any(n == p or n.startswith(p + ".") for n in names)]
+    if unmatched:
+        roots = sorted({n.split(".")[0] for n in names} | {".".join(n.split(".")[:2]) for n in names})
+        raise ConfigError(f"stage.trainable: {unmatched} match no parameter; parameter prefixes are {roots}")
+    trainable, frozen = [], []
+    for name, param in model.named_parameters():
+        keep = any(name == p or name.startswith(p + ".") for p in prefixes)
+        param.requires_grad_(keep)
+        (trainable if keep else frozen).append(name)
+    if not trainable:
+        raise ConfigError("stage.trainable selects no parameter; nothing would train")
+    return trainable, frozen
+
+
+def frozen_modules(model: nn.Module) -> list[nn.Module]:
+    """The largest submodules whose parameters are all frozen (the towers): kept in eval mode while training."""
+    out = []
+
+    def visit(module: nn.Module) -> None:
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            out.append(module)
+            return
+        for child in module.children():
+            visit(child)
+
+    for child in model.children():
+        visit(child)
+    return out
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, decoder_only: bool) -> torch.Tensor:
+    """Token-mean cross-entropy per row (for the per-dataset logs), from the model's logits and the batch labels.
+
+    Decoder-only logits cover ``[queries; text]``: the last ``L`` positions are the text, shifted by one.
+    """
+    if decoder_only:
+        logits = logits[:, -labels.shape[1] - 1 : -1] if logits.shape[1] > labels.shape[1] else logits[:, :-1]
+        labels = labels if logits.shape[1] == labels.shape[1] else labels[:, 1:]
+    token_loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    counts = (labels != -100).sum(dim=1).clamp_min(1)
+    return token_loss.sum(dim=1) / counts
+
+
+class InstructBlipModule(pl.LightningModule):
+    """One generative stage. ``model``: a factory returning the plain model with ``.processor`` (built in
+    :meth:`configure_model`, so FSDP can shard it as it is built); ``optimizer``/``scheduler``: partial factories
+    (``instructblip.train.optim``)."""
+
+    def __init__(
+        self,
+        model: Callable[[], nn.Module],
+        optimizer: Callable,
+        scheduler: Callable | None,
+        stage: str = "instruction_tuning",
+        trainable: list[str] | tuple[str, ...] = ("query_tokens", "qformer", "projection", "ln_vision"),
+        frozen_dtype: str | None = "bfloat16",
+        seed: int = 0,
+        max_consecutive_nonfinite: int = 5,
+        validation: dict | None = None,
+        parallelize: Callable | None = None,
+    ):
+        super().__init__()
+        self.model_factory = model
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.stage, self.trainable_prefixes = stage, list(trainable)
+        self.frozen_dtype = getattr(torch, frozen_dtype) if frozen_dtype else None
+        self.seed = int(seed)
+        self.max_consecutive_nonfinite = int(max_consecutive_nonfinite)
+        self.validation_settings = dict(validation or {})
+        self.parallelize_fn = parallelize
+        self.model: nn.Module | None = None
+        self.processor = None
+        self.trainable_names: list[str] = []
+        self.frozen_names: list[str] = []
+        self._frozen: list[nn.Module] = []
+        # non-finite guard and counters (saved in the checkpoint so a resumed run keeps counting)
+        self.nonfinite_in_window = False
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_skipped = 0
+        self.samples_seen: Counter = Counter()
+        self._val_lines: dict[str, list[dict]] = defaultdict(list)
+        # the checkpoint holds only the trainable weights: missing frozen keys are expected, and checked by hand
+        self.strict_loading = False
+
+    # ------------------------------------------------------------------------------------------- building
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        model = self.model_factory()
+        self.processor = getattr(model, "processor", None)
+        self.trainable_names, self.frozen_names = select_trainable(model, self.trainable_prefixes)
+        self._frozen = frozen_modules(model)
+        self.model = model
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        sharded = self.parallelize_fn is not None or type(self.trainer.strategy).__name__ == "ModelParallelStrategy"
+        if self.frozen_dtype is not None and on_gpu and not sharded:
+            # bf16-mixed keeps fp32 master weights for what trains; the frozen towers need no fp32 copy at all
+            # (under FSDP they stay fp32 but sharded: see instructblip.train.parallelize)
+            for module in self._frozen:
+                module.to(self.frozen_dtype)
+        if self.parallelize_fn is None and self.trainer is not None:
+            from lightning.pytorch.strategies import ModelParallelStrategy
+
+            if isinstance(self.trainer.strategy, ModelParallelStrategy):
+                from instructblip.train.parallelize import parallelize
+
+                self.parallelize_fn = parallelize
+        if self.parallelize_fn is not None:
+            self.parallelize_fn(self.model, self.trainer)
+        self.train()  # from_pretrained hands the model over in eval mode; what trains needs its dropout
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self._frozen:  # dropout off and no statistics updates in the frozen towers, as LAVIS
+            module.eval()
+        return self
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.model.named_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------- training
+    def _model_inputs(self, batch: dict) -> dict:
+        return {k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS}
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean loss, per-sample loss or None) of one micro-batch."""
+        output = self.model(**self._model_inputs(batch))
+        with torch.no_grad():
+            per_sample = per_sample_loss(
+                output.logits.detach(), batch["labels"], self.processor.llm_kind == "decoder_only"
+            )
+        return output.loss, per_sample
+
+    def training_step(self, batch: dict, batch_idx: int):
+        datamodule = self.trainer.datamodule
+        if datamodule is not None:  # the data position the checkpoint saves: this micro-batch is consumed
+            datamodule.batches_consumed += 1
+        torch.manual_seed(position_seed(self.seed, int(batch["sample_index"][0]), "dropout"))
+        loss, per_sample = self.compute_loss(batch)
+        if not torch.isfinite(loss.detach()):
+            self.nonfinite_in_window = True
+        names = batch["dataset"]
+        self.samples_seen.update(names)
+        self.log("train/loss", loss.detach().float(), on_step=True, prog_bar=True, batch_size=len(names))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, batch_size=len(names))
+        if per_sample is not None:
+            for name in sorted(set(names)):
+                rows = torch.tensor([n == name for n in names], device=per_sample.device)
+                self.log(f"train/loss/{name}", per_sample[rows].mean(), on_step=True, batch_size=int(rows.sum()))
+        if self.trainer._logger_connector.should_update_logs:
+            self._log_counts()
+        return loss
+
+    def _log_counts(self) -> None:
+        """Samples seen and skipped (per reason), summed over ranks; only on logging steps (it syncs)."""
+        world = self.trainer.world_size
+        for name, count in sorted(self.samples_seen.items()):
+            self.log(f"data/seen/{name}", float(count), on_step=True, reduce_fx="sum", sync_dist=world > 1)
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "skip_counts"):
+            by_reason: Counter = Counter()
+            for counts in datamodule.skip_counts().values():
+                by_reason.update(counts)
+            for reason, count in sorted(by_reason.items()):
+                self.log(f"data/skipped/{reason}", float(count), on_step=True, reduce_fx="sum", sync_dist=world > 1)
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Skip the step when a loss (or gradient) of this accumulation window was NaN/inf, on every rank alike."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        bad = self.nonfinite_in_window or (
+            bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        )
+        bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        self.nonfinite_in_window = False
+        if not bad:
+            self.nonfinite_in_a_row = 0
+            return
+        # AdamW leaves a parameter whose grad is None untouched (no moment or step-count update): a true skip.
+        for param in self.parameters():
+            param.grad = None
+        self.nonfinite_skipped += 1
+        self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row > self.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} optimiser steps in a row had a NaN/inf loss or gradient (step "
+                f"{self.global_step}, limit faults.max_consecutive_nonfinite={self.max_consecutive_nonfinite}); "
+                "the run is diverging: lower optimizer.lr, raise scheduler.warmup_steps or check the data"
+            )
+
+    # ------------------------------------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_lines = defaultdict(list)
+
+    def validation_step(self, batch: list, batch_idx: int) -> None:
+        from instructblip.data.templates import render_evaluation
+
+        batch = [example for example in batch if example is not None]
+        if not batch:
+            return
+        settings = {"max_new_tokens": 10, "num_beams": 1}
+        settings.update(self.validation_settings.get("generate", {}))
+        prompts = [render_evaluation(example["record"]).instruction for example in batch]
+        predictions = self.model.generate([example["image"] for example in batch], prompts, **settings)
+        for example, prediction in zip(batch, predictions):
+            record = example["record"]
+            self._val_lines[example["dataset"]].append(
+                {"id": record.id, "prediction": prediction, "references": list(record.answers)}
+            )
+
+    def on_validation_epoch_end(self) -> None:
+        from instructblip.data.registry import get
+        from instructblip.eval.metrics import build_metric
+
+        names = sorted(self.trainer.datamodule.val_indexes) if self.trainer.datamodule is not None else []
+        scores = []
+        for name in names:
+            metric = build_metric(get(name).metric).to(self.device)
+            metric.update(self._val_lines.get(name, []))
+            score = float(metric.compute())  # torchmetrics gathers every rank's samples
+            if not math.isnan(score):
+                scores.append(score)
+            self.log(f"val/{name}/{get(name).metric}", score, rank_zero_only=True, sync_dist=False)
+        if scores:
+            self.log("val/held_in_average", sum(scores) / len(scores), rank_zero_only=True, sync_dist=False)
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from lightning.fabric.utilities.seed import _collect_rng_states
+
+        frozen = set(self.frozen_names)
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.removeprefix("model.") in frozen]:
+            del state[key]
+        checkpoint["instructblip"] = {
+            "stage": self.stage,
+            "trainable": self.trainable_prefixes,
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "samples_seen": dict(self.samples_seen),
+            "rng": _collect_rng_states(include_cuda=torch.cuda.is_available()),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from lightning.fabric.utilities.seed import _set_rng_states
+
+        saved = set(checkpoint.get("state_dict", {}))
+        expected = {f"model.{name}" for name in self.trainable_names}
+        missing = sorted(expected - saved)
+        if missing and self.trainable_names:
+            raise CheckpointError(
+                f"resume checkpoint lacks trainable weights {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+                f"(it was written for stage.trainable={checkpoint.get('instructblip', {}).get('trainable')})"
+            )
+        extra = checkpoint.get("instructblip", {})
+        self.nonfinite_skipped = int(extra.get("nonfinite_skipped", 0))
+        self.nonfinite_in_a_row = int(extra.get("nonfinite_in_a_row", 0))
+        self.samples_seen = Counter(extra.get("samples_seen", {}))
+        if "rng" in extra:
+            _set_rng_states(extra["rng"])
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters by model parameter name (the sharing file and the export start from it)."""
+        params = dict(self.model.named_parameters())
+        return {name: params[name].detach() for name in self.trainable_names}
+
+
+__all__ = ["InstructBlipModule", "NonFiniteLossError", "select_trainable", "frozen_modules", "per_sample_loss"]

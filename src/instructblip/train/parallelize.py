@@ -1,0 +1,54 @@
+"""FSDP2 for InstructBLIP, applied from the outside (torchtitan style): the model code knows nothing of it.
+
+Used by ``trainer=fsdp`` (Lightning's ``ModelParallelStrategy``): the LightningModule calls :func:`parallelize`
+from ``configure_model`` after freezing. Every transformer block of the model (the ViT blocks, the Q-Former
+layers, the LLM decoder layers: the elements of its ``nn.ModuleList``s) becomes its own ``fully_shard`` unit, then
+the root takes the rest (embeddings, ``ln_vision``, query tokens, projection). Units are all-frozen or
+all-trainable by construction (a block belongs to one tower), so no gradient memory is spent on frozen weights.
+
+Mixed precision is FSDP2's: parameters all-gathered in bf16, gradients reduced in fp32, sharded master weights in
+fp32. The frozen towers stay fp32 *sharded* (1/N each) rather than bf16-cast, because one ``fully_shard`` group
+(the root) holds both frozen and trainable tensors and FSDP2 needs one storage dtype per group.
+
+``generate`` and ``rank`` are not ``forward``: they are registered as FSDP forward methods so that calling them
+all-gathers the root's parameters first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The outermost elements of the model's ``nn.ModuleList``s that hold parameters (its blocks/layers).
+
+    A ModuleList inside a block (T5's ``layer`` list) does not make units of its own: one unit per block.
+    """
+    candidates = [
+        child for module in model.modules() if isinstance(module, nn.ModuleList)
+        for child in module if any(True for _ in child.parameters())
+    ]
+    candidates.sort(key=lambda m: sum(1 for _ in m.modules()), reverse=True)
+    chosen: list[nn.Module] = []
+    inside: set[int] = set()
+    for block in candidates:
+        if id(block) in inside:
+            continue
+        chosen.append(block)
+        inside.update(id(m) for m in block.modules())
+    return chosen
+
+
+def parallelize(model: nn.Module, trainer) -> nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mesh = trainer.strategy.device_mesh["data_parallel"]
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    for method in ("generate", "rank", "encode_images"):
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
+    return model

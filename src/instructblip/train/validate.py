@@ -1,0 +1,124 @@
+"""Config checks that run before anything is built: one line naming the key and the allowed values.
+
+Two layers. :func:`check_overrides` looks at the command line before Hydra composes: an unknown option of a config
+group (``model=vicuna9b``) or an unknown group is reported with the options that exist (Hydra's own message is a
+multi-line block). :func:`check_config` then checks the composed tree: types and ranges of the keys the training
+code reads, and combinations that cannot work (FSDP on a CPU, instruction-aware features in BLIP-2 stage 2, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from instructblip.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+
+# Groups that are not single-choice options of conf/ (Hydra's own, and the launcher the slurm helper adds).
+HYDRA_GROUPS = {"hydra/launcher", "hydra/sweeper", "hydra/job_logging", "hydra/hydra_logging", "hydra/help",
+                "hydra/hydra_help", "hydra/output", "hydra/env", "hydra/callbacks"}
+
+
+def group_options(conf_dir: Path = CONF_DIR) -> dict[str, list[str]]:
+    """{group path: [option names]} for every config group under ``conf_dir``."""
+    groups: dict[str, list[str]] = {}
+    for path in conf_dir.rglob("*.yaml"):
+        group = path.parent.relative_to(conf_dir).as_posix()
+        if group != ".":
+            groups.setdefault(group, []).append(path.stem)
+    return {group: sorted(options) for group, options in groups.items()}
+
+
+def check_overrides(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
+    groups = group_options(conf_dir)
+    for override in overrides:
+        if "=" not in override or override.startswith(("+", "~")):
+            continue
+        key, value = override.split("=", 1)
+        key = key.lstrip("+").split("@")[0]
+        if key in groups and not key.startswith("hydra/"):
+            if value in ("null", "none", "None") and key in ("experiment", "logger", "callbacks"):
+                continue
+            values = [v.strip() for v in value.split(",")] if "," in value and not value.startswith(("glob(", "range(")) else [value]
+            for option in values:
+                if option.startswith(("glob(", "range(", "choice(")):
+                    continue
+                if option not in groups[key]:
+                    raise ConfigError(f"{key}={option}: no such option; allowed: {', '.join(groups[key])}")
+        elif "/" in key and key not in HYDRA_GROUPS and key.split("/")[0] != "hydra":
+            parent = key.rsplit("/", 1)[0]
+            if parent in groups or key not in groups:
+                raise ConfigError(f"{key}: no such config group; groups: {', '.join(sorted(groups))}")
+
+
+Check = tuple[str, type | tuple[type, ...], Callable[[Any], bool] | None, str]
+
+CHECKS: list[Check] = [
+    ("seed", int, lambda v: v >= 0, "an integer >= 0"),
+    ("trainer.max_steps", int, lambda v: v > 0, "an integer > 0"),
+    ("trainer.accumulate_grad_batches", int, lambda v: v >= 1, "an integer >= 1"),
+    ("trainer.accelerator", str, lambda v: v in ("cpu", "gpu", "cuda", "auto"), "cpu, gpu, cuda, auto"),
+    ("trainer.precision", (str, int), lambda v: str(v) in ("32", "32-true", "bf16-mixed", "bf16-true",
+                                                            "16-mixed", "16-true"),
+     "32-true, bf16-mixed, bf16-true, 16-mixed, 16-true"),
+    ("data.batch_size", int, lambda v: v >= 1, "an integer >= 1"),
+    ("data.num_workers", int, lambda v: v >= 0, "an integer >= 0"),
+    ("data.sampling", str, lambda v: v in ("sqrt", "proportional", "uniform", "explicit"),
+     "sqrt, proportional, uniform, explicit"),
+    ("optimizer.lr", float, lambda v: v > 0, "a number > 0"),
+    ("optimizer.weight_decay", float, lambda v: v >= 0, "a number >= 0"),
+    ("scheduler.warmup_steps", int, lambda v: v >= 0, "an integer >= 0"),
+    ("scheduler.warmup_lr", float, lambda v: v >= 0, "a number >= 0"),
+    ("scheduler.min_lr", float, lambda v: v >= 0, "a number >= 0"),
+    ("checkpoint.every_n_steps", int, lambda v: v >= 1, "an integer >= 1"),
+    ("checkpoint.keep_last", int, lambda v: v >= 1, "an integer >= 1"),
+    ("faults.max_consecutive_nonfinite", int, lambda v: v >= 0, "an integer >= 0"),
+    ("validation.every_n_steps", (int, type(None)), lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    ("stage.name", str, lambda v: v in STAGES, "blip2_stage1, blip2_stage2, instruction_tuning, finetune"),
+]
+
+STAGES = ("blip2_stage1", "blip2_stage2", "instruction_tuning", "finetune")
+
+
+def _typed(value: Any, kind) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool):
+        return bool in kinds
+    if float in kinds and isinstance(value, int):
+        return True
+    return isinstance(value, kinds)
+
+
+def check_config(cfg: DictConfig) -> None:
+    for key, kind, ok, allowed in CHECKS:
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=True)
+        except Exception as error:  # noqa: BLE001 - a missing mandatory value, or an interpolation that fails
+            raise ConfigError(f"{key}: {str(error).splitlines()[0]}") from None
+        if value is None and not _typed(None, kind):
+            raise ConfigError(f"{key} is not set; expected {allowed}")
+        if not _typed(value, kind) or (ok is not None and not ok(value)):
+            raise ConfigError(f"{key}={value!r} ({type(value).__name__}); expected {allowed}")
+    accelerator = str(cfg.trainer.accelerator)
+    strategy = OmegaConf.select(cfg, "trainer.strategy")
+    strategy_name = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy)
+    if accelerator == "cpu" and "ModelParallel" in strategy_name or accelerator == "cpu" and "FSDP" in strategy_name:
+        raise ConfigError(
+            f"trainer=fsdp needs GPUs but trainer.accelerator=cpu; allowed with cpu: trainer=cpu or trainer=ddp_cpu"
+        )
+    stage = cfg.stage.name
+    aware = OmegaConf.select(cfg, "model.overrides.instruction_aware")
+    if stage in ("blip2_stage1", "blip2_stage2") and aware:
+        raise ConfigError(
+            f"model.overrides.instruction_aware=true is impossible with stage={stage} (BLIP-2 pretraining has no "
+            "instruction input); allowed: false, or stage=instruction_tuning|finetune"
+        )
+    examples = OmegaConf.select(cfg, "data.examples")
+    if stage in ("instruction_tuning", "finetune") and examples == "caption":
+        raise ConfigError(f"data.examples=caption with stage={stage}; allowed: instruction")
+    if stage == "blip2_stage1" and OmegaConf.select(cfg, "data.collate") != "caption":
+        raise ConfigError("stage=blip2_stage1 trains on captions through the Q-Former only; data.collate must be caption")
