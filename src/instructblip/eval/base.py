@@ -66,7 +66,12 @@ class SampleMetric(Metric):
             self.record_lengths.append(torch.tensor([len(raw)], dtype=torch.float32, device=self.device))
 
     def samples(self) -> list[dict[str, Any]]:
-        """The samples this process holds (all processes' after a sync), repeated ids dropped, first kept."""
+        """Every process's samples (a collective call under DDP), repeated ids dropped, the first kept."""
+        with self.sync_context():
+            return self._held_samples()
+
+    def _held_samples(self) -> list[dict[str, Any]]:
+        """The samples the states hold now (after a sync: every process's), repeated ids dropped."""
         if isinstance(self.record_bytes, list):
             if not self.record_bytes:
                 return []
@@ -86,7 +91,7 @@ class SampleMetric(Metric):
         return unique
 
     def compute(self) -> torch.Tensor:
-        samples = self.samples()
+        samples = self._held_samples()  # compute() runs synced already
         score = self.score_samples(samples) if samples else math.nan
         return torch.tensor(score, dtype=torch.float64)
 
