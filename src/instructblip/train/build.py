@@ -71,6 +71,13 @@ def load_trainable_weights(model: torch.nn.Module, path: str | Path) -> list[str
     weights = read_trainable_file(path)
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
+    # stage-1 heads, and the Q-Former text branch when the model has none (BLIP-2 stage 2), have no place by design
+    from instructblip.train.stage1 import STAGE1_HEADS
+
+    droppable = tuple(f"{head}." for head in STAGE1_HEADS) + ("qformer.embeddings.word_embeddings",
+                                                               "qformer.embeddings.position_embeddings")
+    weights = {k: v for k, v in weights.items() if k in params or not (
+        k.startswith(droppable) or k in STAGE1_HEADS or ".text_ffn." in k)}
     unknown = sorted(set(weights) - set(params))
     if unknown:
         raise CheckpointError(f"{path}: {len(unknown)} tensors have no place in the model, e.g. {unknown[:3]}")
