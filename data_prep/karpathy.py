@@ -27,10 +27,12 @@ def records(dataset: str, src: Path, split: str, images: str | None = None) -> S
     for part in wanted:
         check_split(dataset, part, SPLITS + ("train+restval",))
     path = find_files(dataset, src, [FILES[dataset]], subdirs=("", "caption_datasets", "annotations"))[FILES[dataset]]
-    rows = [row for row in load_json(path).get("images", []) if row.get("split") in wanted or "split" not in row]
+    # (position in the file, row): a row too broken to have an id is listed as row<position>
+    rows = [(position, row) for position, row in enumerate(load_json(path).get("images", []))
+            if row.get("split") in wanted or "split" not in row]
     root = media_root(src, images)
     if dataset == "coco_caption":
-        for folder in sorted({row["filepath"] for row in rows if row.get("filepath")}):
+        for folder in sorted({row["filepath"] for _, row in rows if row.get("filepath")}):
             find_dir(dataset, [root], [folder], f"{folder} image")
         folder = None
     else:
@@ -39,7 +41,7 @@ def records(dataset: str, src: Path, split: str, images: str | None = None) -> S
 
 
 def _items(dataset, rows, root: Path, flickr_folder: Path | None):
-    for position, row in enumerate(rows):
+    for position, row in rows:
         filename = row.get("filename")
         record_id = str(row.get("cocoid") if dataset == "coco_caption" else Path(filename or "").stem) or ""
         sentences = row.get("sentences") or []

@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Union
 
-import webdataset as wds
 from tqdm import tqdm
 
 from data_prep.media import BAD_FIELD, SkipRecord
@@ -175,11 +174,13 @@ class _ShardSequence:
         self.out, self.dataset, self.split, self.shard_size = out, dataset, split, shard_size
         self.complete = complete
         self.index = -1
-        self.writer: wds.TarWriter | None = None
+        self.writer = None  # a webdataset.TarWriter while a shard is open
         self.count = 0
         self.written_names: list[str] = []
 
     def _open_next(self) -> None:
+        import webdataset as wds  # here, not at module level: it imports torch, and error paths should be quick
+
         self.index += 1
         while self.index in self.complete:
             self.index += 1
