@@ -288,3 +288,26 @@ def make_tiny_checkpoint(path, llm: str = "llama", **overrides) -> Path:
     }
     (root / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     return root
+
+
+def to_transformers_batch(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' layout of one of our batches, for parity checks: ``T * num_query_tokens`` ``<image>`` ids
+    (attention 1, label -100) before the LLM text, which is where transformers scatters the projected queries."""
+    rows, queries = batch["input_ids"].shape[0], model.config.num_query_tokens
+    frames = batch["pixel_values"].shape[1] if batch["pixel_values"].dim() == 5 else 1
+    image_ids = torch.full((rows, queries * frames), model.config.image_token_id, dtype=torch.long)
+    out = dict(batch)
+    out["input_ids"] = torch.cat([image_ids, batch["input_ids"]], dim=1)
+    out["attention_mask"] = torch.cat([torch.ones_like(image_ids), batch["attention_mask"]], dim=1)
+    if "labels" in batch and model.llm.kind == "decoder_only":
+        out["labels"] = torch.cat([torch.full_like(image_ids, -100), batch["labels"]], dim=1)
+    return out
+
+
+def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-5) -> None:
+    """``max |actual - expected| <= tolerance * max |expected|``: a relative bound on the whole tensor that is not
+    dominated by entries near zero (elementwise relative error is meaningless there)."""
+    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
+    error = (actual.detach().float() - expected.detach().float()).abs().max().item()
+    scale = expected.detach().float().abs().max().item()
+    assert error <= tolerance * scale, f"max |diff| {error:.3g} > {tolerance:g} * max |expected| {scale:.3g}"
