@@ -183,3 +183,20 @@ def test_build_mixture_reads_sizes_and_shards_from_converter_summaries(shards, t
         build_mixture(tmp_path / "out", ["vqav2"], split="train")
     with pytest.raises(ConfigError, match="held out"):
         build_mixture(tmp_path / "out", ["gqa"])
+
+
+def test_spawned_persistent_workers_see_the_epoch_and_report_skips(shards):
+    """The shared epoch and the skip counters are shared-memory tensors: spawned workers (not only forked ones)
+    write and read the main process's values."""
+    good = shards.dataset("clean", 2, 4)
+    broken = shards.write("clean-train-000009.tar", [{"__key__": "b", "jpg": b"x", "json": b"{"}])
+    dataset = MixtureDataset([MixtureSource("clean", (*good, broken), 9)], {"clean": 1.0}, seed=0,
+                             shuffle_buffer=4, samples_per_epoch=24)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=1, collate_fn=list,
+                                         multiprocessing_context="spawn", persistent_workers=True)
+    epochs = []
+    for epoch in range(2):
+        dataset.set_epoch(epoch)
+        epochs.append([e.record.id for batch in loader for e in batch])
+    assert len(epochs[0]) == len(epochs[1]) == 24 and epochs[0] != epochs[1]
+    assert dataset.skip_counts()["clean"]["bad_json"] > 0

@@ -46,7 +46,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,16 +180,17 @@ def _no_worker_seed() -> int:
 
 
 class SharedEpoch:
-    """The epoch number in shared memory, so persistent DataLoader workers see ``set_epoch`` (open_clip's trick)."""
+    """The epoch number in shared memory, so persistent DataLoader workers see ``set_epoch`` (open_clip's trick;
+    a shared torch tensor, which forked and spawned workers alike receive as the same memory)."""
 
     def __init__(self, epoch: int = 0) -> None:
-        self._value = multiprocessing.Value("i", epoch)
+        self._value = torch.tensor([epoch], dtype=torch.int64).share_memory_()
 
     def set(self, epoch: int) -> None:
-        self._value.value = epoch
+        self._value[0] = epoch
 
     def get(self) -> int:
-        return self._value.value
+        return int(self._value[0])
 
 
 # ------------------------------------------------------------------------------------------------ the mixture

@@ -8,10 +8,10 @@ Public pieces:
   (rank, worker). Splitting is per shard: give a dataset at least ``world_size * num_workers`` shards, or some
   consumers get nothing (they yield an empty stream; they do not fail).
 * :func:`list_shards` -- ``DIR`` / ``DIR/pattern-{000000..000009}.tar`` / a list -> sorted shard paths.
-* :class:`SkipCounter` -- counts of skipped samples per reason (:data:`SKIP_REASONS`), kept in shared memory that the
-  counter allocates when it is created in the main process. DataLoader workers (forked or spawned) inherit the same
-  memory, so ``counter.counts()`` read in the main process is the total over all workers, including skips after the
-  last sample of a stream (which a "counts in the batch" scheme would lose). It is per process group member: under
+* :class:`SkipCounter` -- counts of skipped samples per reason (:data:`SKIP_REASONS`), kept in a shared-memory
+  tensor that the counter allocates when it is created in the main process. DataLoader workers (forked or spawned)
+  write into the same memory, so ``counter.counts()`` read in the main process is the total over all workers,
+  including skips after the last sample of a stream (which a "counts in the batch" scheme would lose). It is per process group member: under
   DDP every rank has its own counter; the training module sums them across ranks when it logs. Each reason's first
   few occurrences are also logged as warnings naming the shard and sample.
 * :func:`decode_example` / :class:`ExampleDecoder` -- raw tar sample dict -> :class:`Example`, or None (skipped).
@@ -33,7 +33,6 @@ import glob
 import io
 import json
 import logging
-import multiprocessing
 import os
 import re
 import tarfile
@@ -41,6 +40,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple
 
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -83,23 +83,30 @@ class Example(NamedTuple):
 class SkipCounter:
     """Skipped samples per reason, shared by the process that creates it and its DataLoader workers.
 
-    Create it in the main process *before* the DataLoader starts its workers (building the dataset does that).
-    ``counts()`` returns ``{reason: n}`` for every reason in :data:`SKIP_REASONS`; ``total()`` their sum.
+    The counts live in a shared-memory tensor with one row per process (the creating process, then one per
+    DataLoader worker id), so every process writes only its own row and needs no lock; torch's multiprocessing
+    hands the same memory to forked and spawned workers alike. Create the counter in the main process *before* the
+    DataLoader starts its workers (building the dataset does that). ``counts()`` returns ``{reason: n}`` for every
+    reason in :data:`SKIP_REASONS`, summed over the rows; ``total()`` their sum.
     """
+
+    #: DataLoader worker ids beyond this share rows (and could then lose a count in a race); far above practice.
+    MAX_WORKERS = 256
 
     def __init__(self, name: str = "") -> None:
         self.name = name
-        # a lock-protected array of int64 in shared memory: inherited by forked workers, pickled by handle for
-        # spawned ones (multiprocessing allows that while a process is being started, which is how DataLoader
-        # hands the dataset to its workers)
-        self._counts = multiprocessing.Array("q", len(SKIP_REASONS))
+        self._counts = torch.zeros(1 + self.MAX_WORKERS, len(SKIP_REASONS), dtype=torch.int64).share_memory_()
         self._warned: dict[str, int] = {}
+
+    @staticmethod
+    def _row() -> int:
+        info = torch.utils.data.get_worker_info()
+        return 0 if info is None else 1 + info.id % SkipCounter.MAX_WORKERS
 
     def add(self, reason: str, detail: str = "") -> None:
         if reason not in SKIP_REASONS:
             raise ValueError(f"unknown skip reason {reason!r}; allowed: {', '.join(SKIP_REASONS)}")
-        with self._counts.get_lock():
-            self._counts[SKIP_REASONS.index(reason)] += 1
+        self._counts[self._row(), SKIP_REASONS.index(reason)] += 1
         warned = self._warned.get(reason, 0)
         if warned < WARNINGS_PER_REASON:
             self._warned[reason] = warned + 1
@@ -108,9 +115,7 @@ class SkipCounter:
             log.warning("skipped a sample, %s%s: %s%s", where, reason, detail, more)
 
     def counts(self) -> dict[str, int]:
-        with self._counts.get_lock():
-            values = list(self._counts)
-        return dict(zip(SKIP_REASONS, values))
+        return dict(zip(SKIP_REASONS, self._counts.sum(0).tolist()))
 
     def total(self) -> int:
         return sum(self.counts().values())
@@ -292,7 +297,8 @@ def read_shards(
     collate_fn=Collator(...))``) or iterate it directly.
     """
     shards = list_shards(source)
-    counter = counter if counter is not None else SkipCounter(str(source))
+    if counter is None:
+        counter = SkipCounter(shards[0] if len(shards) == 1 else f"{len(shards)} shards from {shards[0]}")
     handler = CountingHandler(counter)
     stages: list[Any] = [wds.SimpleShardList(shards)]
     if split:
