@@ -120,7 +120,8 @@ class ShardSummary:
         """One human line: what was written, what was skipped and why."""
         skipped = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items())) or "none"
         text = (
-            f"{self.dataset}/{self.split}: {self.written} records in {len(self.shards)} shards "
+            f"{self.dataset}/{self.split}: {self.written} records in {len(self.shards)} shard"
+            f"{'' if len(self.shards) == 1 else 's'} "
             f"({self.reused} kept from an earlier run), skipped {self.num_skipped} ({skipped})"
         )
         if self.filtered:
@@ -179,7 +180,7 @@ class _ShardSequence:
         self.written_names: list[str] = []
 
     def _open_next(self) -> None:
-        import webdataset as wds  # here, not at module level: it imports torch, and error paths should be quick
+        import webdataset as wds
 
         self.index += 1
         while self.index in self.complete:
@@ -227,6 +228,9 @@ def write_shards(
     written to ``{out}/{dataset}-{split}-summary.json``). See the module docstring for the guarantees."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    # imported here, not at module level: webdataset imports torch (seconds), and a converter's missing-file
+    # error should come at once; imported before the progress bar starts so the bar's rate stays honest
+    import webdataset  # noqa: F401
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(f"{dataset}-{split}-*.tar.tmp"):

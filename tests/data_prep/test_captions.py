@@ -66,7 +66,8 @@ def test_nocaps_val_all_ten_captions_and_domain(src, out):
         {"id": 3, "open_images_id": "00a3", "domain": "near-domain"},  # no file_name
     ]
     captions = [f"caption {k}" for k in range(10)]
-    annotations = [{"image_id": i, "id": 10 * i + k, "caption": c} for i in (0, 1, 2, 3) for k, c in enumerate(captions)]
+    annotations = [{"image_id": i, "id": 10 * i + k, "caption": c}
+                   for i in (0, 1, 2, 3) for k, c in enumerate(captions)]
     write_json(src / "nocaps_val_4500_captions.json", {"licenses": [], "info": {}, "images": images,
                                                        "annotations": annotations})
     convert("nocaps", src, out, split="val")

@@ -44,7 +44,7 @@ def test_convert_from_the_command_line(tmp_path):
     assert result.returncode == 0, result.stderr
     summary_file = out / "hateful_memes-dev_seen-summary.json"
     assert result.stdout.splitlines()[-1] == str(summary_file)
-    assert "1 records in 1 shards" in result.stdout and "1 missing image" in result.stdout
+    assert "1 records in 1 shard " in result.stdout and "1 missing image" in result.stdout
     assert json.loads(summary_file.read_text())["skipped"] == {"missing image": 1}
     assert read_shards(out, "hateful_memes", "dev_seen")["42953"][1] == {"png": image}
 

@@ -86,7 +86,8 @@ def dataset_table() -> str:
             info.train_split or "-",
             info.eval_split or "-",
         )
-        for info in sorted(DATASETS.values(), key=lambda i: (i.world != "real", i.held_out, _category_rank(i.category), i.name))
+        for info in sorted(DATASETS.values(),
+                           key=lambda i: (i.world != "real", i.held_out, _category_rank(i.category), i.name))
     ]
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header] + rows]
