@@ -7,8 +7,8 @@ Native:
 - MSRVTT-QA: ``{train,val,test}_qa.json`` (+ ``category_id``); ``video_id`` N is ``video<N>.mp4`` (in
   ``video/``, ``videos/all/``, ``TrainValVideo/`` or ``TestVideo/``);
 - iVQA: ``{train,val,test}.csv`` with ``video_id`` (YouTube id), ``start``, ``end``, ``question``,
-  ``answer1`` ... ``answer5``; clips ``videos/<video_id>_<start>_<end>.mp4`` (or the full ``<video_id>.mp4``,
-  then only [start, end] seconds are sampled).
+  ``answer1`` ... ``answer5``; clips ``video/<video_id>_<start>_<end>.mp4`` (just-ask keeps each dataset's videos
+  in a ``video/`` subfolder), or the full ``<video_id>.mp4``, then only [start, end] seconds are sampled.
 
 ``num_frames`` frames (default 4) are sampled uniformly with PyAV and stored as ``frame0.jpg`` ...; a missing or
 undecodable video skips its questions (listed). Records: ``answers`` = [answer] (iVQA: the 5 answers, repeats
@@ -31,9 +31,9 @@ from instructblip.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
 VIDEO_DIRS = {
-    "msvd_qa": ("YouTubeClips", "videos", "video"),
-    "msrvtt_qa": ("video", "videos/all", "TrainValVideo", "TestVideo", "videos"),
-    "ivqa": ("videos", "video", "clips"),
+    "msvd_qa": ("YouTubeClips", "video", "videos"),
+    "msrvtt_qa": ("video", "videos/all", "TrainValVideo", "TestVideo", "videos"),  # just-ask: video/
+    "ivqa": ("video", "videos", "clips"),
 }
 QA_SUBDIRS = {"msvd_qa": ("", "MSVD-QA", "msvd_qa"), "msrvtt_qa": ("", "MSRVTT-QA", "msrvtt_qa"),
               "ivqa": ("", "iVQA", "ivqa")}
@@ -148,9 +148,12 @@ def _ivqa_items(dataset, split, rows, folders, num_frames, frames):
 
 
 def _ivqa_frames(folders, clip, video_id, start, end, num_frames, frames):
-    try:
-        return frames(_locate(folders, [clip + s for s in IVQA_SUFFIXES]), num_frames)
-    except SkipRecord as error:
-        if error.reason != MISSING_VIDEO:
-            raise
-    return frames(_locate(folders, [video_id + s for s in IVQA_SUFFIXES]), num_frames, start, end)
+    """The clip ``<video_id>_<start>_<end>.<ext>`` (or any ``<video_id>_*`` clip: one clip per video in iVQA),
+    sampled whole; else the full ``<video_id>.<ext>``, sampled within [start, end]."""
+    names = [clip + suffix for suffix in IVQA_SUFFIXES]
+    for folder in folders:
+        clips = [folder / name for name in names if (folder / name).is_file()]
+        clips += sorted(p for p in folder.glob(f"{video_id}_*") if p.suffix in IVQA_SUFFIXES)
+        if clips:
+            return frames(clips[0], num_frames)
+    return frames(_locate(folders, [video_id + suffix for suffix in IVQA_SUFFIXES]), num_frames, start, end)

@@ -5,8 +5,8 @@ Native, one JSON per line: ``{"image", "image_link", "caption", "label" (0/1), "
 ``variant=zeroshot`` (default; the paper's 1,222-statement test split) or ``variant=random``. Records are binary
 classification: ``text`` = the statement, ``label``, ``answers`` = the label's verbalisers (["yes", "true"] or
 ["no", "false"], as the paper ranks/compares them); ``id`` = the line number. Images are COCO 2017 pictures:
-``<images>/images/<image>`` (the repo's download folder), ``trainval2017/``, or the ``train2017/`` / ``val2017/``
-folder the ``image_link`` names.
+``<images>/images/<image>`` (the repo's download folder; also ``data/images/`` when ``src`` is the repo root),
+``trainval2017/``, or the ``train2017/`` / ``val2017/`` folder the ``image_link`` names.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from instructblip.errors import ConfigError
 
 SPLITS = ("train", "dev", "test")
 VARIANTS = ("zeroshot", "random")
-IMAGE_DIRS = ("images", "trainval2017", "train2017", "val2017")
+# the repo's data/README puts the images in data/images/ (or all of COCO 2017 in data/trainval2017/)
+IMAGE_DIRS = ("images", "trainval2017", "data/images", "data/trainval2017", "train2017", "val2017")
 VERBALISERS = {1: ["yes", "true"], 0: ["no", "false"]}
 
 

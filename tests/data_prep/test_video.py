@@ -61,8 +61,8 @@ def test_msrvtt_qa_num_frames_option(src, out):
 
 
 def test_ivqa_five_answers_clips_and_time_windows(src, out):
-    clip_levels = grey_video(src / "videos/abcdefghijk_3_9.mp4")
-    full_levels = grey_video(src / "videos/zyxwvutsrqp.mp4")  # 10 frames at 10 fps: 0.0 .. 0.9 s
+    clip_levels = grey_video(src / "video/abcdefghijk_3_9.mp4")
+    full_levels = grey_video(src / "video/zyxwvutsrqp.mp4")  # 10 frames at 10 fps: 0.0 .. 0.9 s
     columns = ["video_id", "start", "end", "question", "answer1", "answer2", "answer3", "answer4", "answer5"]
     rows = [
         ["abcdefghijk", "3", "9", "what is the man cooking?", "pasta", "pasta", "noodles", "pasta", "spaghetti"],
