@@ -18,7 +18,8 @@ a name ``shapesworld_<task>`` maps to ``data_prep/shapesworld.py`` by convention
     its samples rather than reading files; ``src`` may be None there).
 
 ``options`` are the extra ``key=value`` arguments of ``instructblip-prep`` (``num_frames``, ``images``,
-``videos``, ...); a keyword the function does not take is an error naming the ones it does. ``split`` is a split
+``videos``, ...); a keyword the function does not take is an error naming the ones it does (``progress``, the
+progress-bar switch, is passed only to a ``convert`` that takes it). ``split`` is a split
 name as the dataset's own files spell it; None means the registry's split (the train split of a held-in dataset,
 the evaluation split of a held-out one).
 """

@@ -38,6 +38,9 @@ def records(dataset: str, src: Path, split: str, images: str | None = None) -> S
 def _items(dataset, qg, split, rows, folder: Path):
     labelled = split != "test"
     for position, row in enumerate(rows):
+        if not isinstance(row, dict):
+            yield Skip(f"row{position}", BAD_FIELD, "not a JSON object")
+            continue
         record_id = str(row.get("question_id", f"row{position}"))
         keys = ["question_id", "image_id", "question", "choices"]
         problem = require(row, keys + (["direct_answers", "correct_choice_idx"] if labelled else []))

@@ -30,8 +30,8 @@ def records(dataset: str, src: Path, split: str) -> Source:
 
 def _items(dataset, split, lines, base: Path):
     for number, row, _raw in lines:
-        if row is None:
-            yield Skip(f"line{number}", BAD_FIELD, f"line {number} is not valid JSON")
+        if not isinstance(row, dict):
+            yield Skip(f"line{number}", BAD_FIELD, f"line {number} is not a JSON object")
             continue
         record_id = safe_key(row.get("id", f"line{number}"))
         problem = require(row, ["id", "img", "text"])

@@ -29,10 +29,10 @@ def records(dataset: str, src: Path, split: str, images: str | None = None) -> S
     path = find_files(dataset, src, [FILES[dataset]], subdirs=("", "caption_datasets", "annotations"))[FILES[dataset]]
     # (position in the file, row): a row too broken to have an id is listed as row<position>
     rows = [(position, row) for position, row in enumerate(load_json(path).get("images", []))
-            if row.get("split") in wanted or "split" not in row]
+            if not isinstance(row, dict) or row.get("split") in wanted or "split" not in row]
     root = media_root(src, images)
     if dataset == "coco_caption":
-        for folder in sorted({row["filepath"] for _, row in rows if row.get("filepath")}):
+        for folder in sorted({row["filepath"] for _, row in rows if isinstance(row, dict) and row.get("filepath")}):
             find_dir(dataset, [root], [folder], f"{folder} image")
         folder = None
     else:
@@ -42,6 +42,9 @@ def records(dataset: str, src: Path, split: str, images: str | None = None) -> S
 
 def _items(dataset, rows, root: Path, flickr_folder: Path | None):
     for position, row in rows:
+        if not isinstance(row, dict):
+            yield Skip(f"row{position}", BAD_FIELD, "not a JSON object")
+            continue
         filename = row.get("filename")
         record_id = str(row.get("cocoid") if dataset == "coco_caption" else Path(filename or "").stem) or ""
         sentences = row.get("sentences") or []

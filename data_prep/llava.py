@@ -48,6 +48,9 @@ def _turns(conversation) -> list[dict[str, str]] | None:
 
 def _items(dataset, split, rows, folder: Path):
     for position, row in enumerate(rows):
+        if not isinstance(row, dict):
+            yield Skip(f"row{position}", BAD_FIELD, "not a JSON object")
+            continue
         record_id = safe_key(row.get("id") or f"row{position}")
         turns = _turns(row.get("conversations"))
         if not row.get("image") or turns is None:

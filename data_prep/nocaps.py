@@ -38,6 +38,9 @@ def records(dataset: str, src: Path, split: str, images: str | None = None) -> S
 
 def _items(dataset, split, rows, captions, folder: Path):
     for position, row in enumerate(rows):
+        if not isinstance(row, dict):
+            yield Skip(f"row{position}", BAD_FIELD, "not a JSON object")
+            continue
         missing = [k for k in ("id", "file_name") if row.get(k) is None]
         if missing or (split == "val" and not captions.get(row["id"])):
             detail = f"missing field(s) {missing}" if missing else "no caption annotations"

@@ -56,6 +56,9 @@ def records(dataset: str, src: Path, split: str, images: str | None = None, ocr:
 
 def _questions(dataset, split, rows, tokens, folder: Path):
     for position, row in enumerate(rows):
+        if not isinstance(row, dict):
+            yield Skip(f"row{position}", BAD_FIELD, "not a JSON object")
+            continue
         problem = require(row, ["question_id", "question", "image_id"] + ([] if split == "test" else ["answers"]))
         if problem:
             yield Skip(str(row.get("question_id", f"row{position}")), BAD_FIELD, problem)
@@ -79,7 +82,7 @@ def _group_captions(rows) -> list[tuple[str, list]]:
     """Caption rows -> [(image_id or a bad-row marker, [rows])] in first-appearance order."""
     groups: dict[str, list] = {}
     for position, row in enumerate(rows):
-        key = row.get("image_id") or f"\0row{position}"
+        key = (row.get("image_id") if isinstance(row, dict) else None) or f"\0row{position}"
         groups.setdefault(key, []).append(row)
     return list(groups.items())
 

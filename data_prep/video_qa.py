@@ -84,6 +84,9 @@ def _locate(folders: list[Path], names: list[str]) -> Path:
 
 def _qa_items(dataset, split, rows, clip_names, folders, num_frames, frames):
     for position, row in enumerate(rows):
+        if not isinstance(row, dict):
+            yield Skip(f"row{position}", BAD_FIELD, "not a JSON object")
+            continue
         record_id = str(row.get("id", f"row{position}"))
         problem = require(row, ["id", "question", "video_id", "answer"])
         if not problem and not isinstance(row["video_id"], int):

@@ -30,6 +30,9 @@ def records(dataset: str, src: Path, split: str, images: str | None = None) -> S
 
 def _items(dataset, split, rows, folder: Path):
     for position, row in enumerate(rows):
+        if not isinstance(row, dict):
+            yield Skip(f"row{position}", BAD_FIELD, "not a JSON object")
+            continue
         record_id = safe_key(Path(row.get("image") or f"row{position}").stem)
         problem = require(row, ["image", "question"] + ([] if split == "test" else ["answers"]))
         if problem:

@@ -49,7 +49,8 @@ def records(dataset: str, src: Path, split: str, images: str | None = None) -> S
     questions = load_json(paths[names[0]]).get("questions", [])
     annotations = None
     if len(names) > 1:
-        annotations = {a.get("question_id"): a for a in load_json(paths[names[1]]).get("annotations", [])}
+        annotations = {a.get("question_id"): a for a in load_json(paths[names[1]]).get("annotations", [])
+                       if isinstance(a, dict)}
     items = _items(dataset, base, qg, split, image_dir, questions, annotations, media_root(src, images))
     return Source(items, len(questions))
 
@@ -62,6 +63,9 @@ def _qg_answer(base: str, annotation: dict, answers: list[str]) -> str:
 
 def _items(dataset, base, qg, split, image_dir, questions, annotations, root: Path):
     for position, row in enumerate(questions):
+        if not isinstance(row, dict):
+            yield Skip(f"row{position}", BAD_FIELD, "not a JSON object")
+            continue
         problem = require(row, ["question_id", "question", "image_id"])
         record_id = str(row.get("question_id", f"row{position}"))
         if not problem and as_int(row["image_id"]) is None:

@@ -54,8 +54,8 @@ def _image(root: Path, row: dict):
 def _items(dataset, split, lines, root: Path):
     for number, row, _raw in lines:
         record_id = f"{number:06d}"
-        if row is None:
-            yield Skip(record_id, BAD_FIELD, f"line {number} is not valid JSON")
+        if not isinstance(row, dict):
+            yield Skip(record_id, BAD_FIELD, f"line {number} is not a JSON object")
             continue
         problem = require(row, ["image", "caption", "label"])
         if not problem and row["label"] not in (0, 1):

@@ -19,7 +19,7 @@ def test_vsr_zeroshot_statements_with_verbalisers(src, out):
     write_jsonl(src / "data/splits/zeroshot/test.jsonl", [
         row("000000017697.jpg"), row("000000000002.jpg", "The cat is left of the dog.", 0, "val2017"),
         row("000000000003.jpg"), row("000000000004.jpg"), row("000000000005.jpg", label=None),
-    ], extra_lines=["{not json"])
+    ], extra_lines=["{not json", "[1, 2]"])
     write_jsonl(src / "data/splits/random/test.jsonl", [row("000000017697.jpg")])
     convert("vsr", src, out)  # registry default: test, variant zeroshot
     samples = check(out, "vsr", "test", {
@@ -27,7 +27,8 @@ def test_vsr_zeroshot_statements_with_verbalisers(src, out):
                    "label": 1, "answers": ["yes", "true"], "image": ("jpg", a)},
         "000002": {"task": "classification", "image_id": "000000000002.jpg", "text": "The cat is left of the dog.",
                    "label": 0, "answers": ["no", "false"], "image": ("jpg", b)},
-    }, {"000003": UNREADABLE_IMAGE, "000004": MISSING_IMAGE, "000005": BAD_FIELD, "000006": BAD_FIELD})
+    }, {"000003": UNREADABLE_IMAGE, "000004": MISSING_IMAGE, "000005": BAD_FIELD, "000006": BAD_FIELD,
+        "000007": BAD_FIELD})
     assert samples["000001"][0].extra == {"relation": "behind", "subj": "car", "obj": "suitcase"}
 
 

@@ -17,13 +17,14 @@ TEN = ["watching", "watching", "spectating", "watching", "looking", "watching", 
 
 def _vqa_files(src, prefix_q, prefix_a, split, okvqa=False):
     """Question ids 1..4 on images 11..14: 11 fine, 12 unreadable, 13 missing, 14 fine; qid 5 has no question
-    text; qid 6 has no annotation."""
+    text; qid 6 has no annotation; the 7th entry is not an object."""
     images = {}
     images[11] = jpeg(src / f"{split}/COCO_{split}_{11:012d}.jpg")
     garbage(src / f"{split}/COCO_{split}_{12:012d}.jpg")
     images[14] = jpeg(src / f"{split}/COCO_{split}_{14:012d}.jpg")
     questions = [{"image_id": 10 + q, "question": f"What is {q}?", "question_id": q} for q in (1, 2, 3, 4, 6)]
     questions.append({"image_id": 11, "question_id": 5})
+    questions.append(["not", "an", "object"])
     write_json(src / f"{prefix_q}{split}_questions.json", {"info": {}, "task_type": "Open-Ended",
                                                              "data_type": "mscoco", "license": {},
                                                              "data_subtype": split, "questions": questions})
@@ -54,7 +55,7 @@ def _vqa_files(src, prefix_q, prefix_a, split, okvqa=False):
 def test_vqa_format_keeps_all_ten_answers_and_its_qg_variant_reverses_the_pair(src, out, dataset, prefix_q, prefix_a):
     okvqa = dataset == "okvqa"
     images = _vqa_files(src, prefix_q, prefix_a, "val2014", okvqa=okvqa)
-    skipped = {"2": UNREADABLE_IMAGE, "3": MISSING_IMAGE, "5": BAD_FIELD, "6": BAD_FIELD}
+    skipped = {"2": UNREADABLE_IMAGE, "3": MISSING_IMAGE, "5": BAD_FIELD, "6": BAD_FIELD, "row6": BAD_FIELD}
     convert(dataset, src, out, split="val2014")
     samples = check(out, dataset, "val2014", {
         "1": {"task": "vqa", "image_id": "11", "question": "What is 1?", "answers": TEN, "image": ("jpg", images[11])},
