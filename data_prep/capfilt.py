@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tqdm import tqdm
+
 from data_prep import Source
 from data_prep.media import BAD_FIELD, MISSING_IMAGE, SkipRecord, image_member
 from data_prep.shards import Sample, Skip
@@ -36,7 +38,8 @@ def records(dataset: str, src: Path, split: str, images: str | None = None) -> S
 def _downloaded(folder: Path) -> dict[str, tuple[str, Path]]:
     """url -> (img2dataset key, image path) from the per-image ``<key>.json`` sidecars."""
     index: dict[str, tuple[str, Path]] = {}
-    for sidecar in sorted(folder.rglob("*.json")):
+    sidecars = tqdm(sorted(folder.rglob("*.json")), desc="web_capfilt: reading img2dataset sidecars", unit="file")
+    for sidecar in sidecars:
         try:
             meta = json.loads(sidecar.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, OSError, UnicodeDecodeError):

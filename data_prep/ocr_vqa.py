@@ -2,7 +2,7 @@
 "genre", "split"}``; ``split`` 1/2/3 = train/val/test).
 
 The official ``loadDataset.py`` downloads each cover into ``images/<ASIN><ext>`` (.jpg, or .png/.gif as the URL
-says). One record per (question, answer) pair, id ``<ASIN>_<k>``; a cover that is missing or unreadable skips its
+says); covers directly in ``<images>`` are found too. One record per (question, answer) pair, id ``<ASIN>_<k>``; a cover that is missing or unreadable skips its
 pairs (listed, unlike LAVIS which drops them silently). ``split=`` takes train/val/test (or 1/2/3).
 No OCR ships with the dataset, so ``ocr_tokens`` stays empty.
 """
@@ -25,7 +25,7 @@ def records(dataset: str, src: Path, split: str, images: str | None = None) -> S
     split = {"1": "train", "2": "val", "3": "test"}.get(str(split), split)
     check_split(dataset, split, tuple(SPLIT_CODES))
     path = find_files(dataset, src, ["dataset.json"], subdirs=("", "ocr_vqa", "OCR-VQA"))["dataset.json"]
-    folder = find_dir(dataset, [media_root(src, images)], ["images"], "images")
+    folder = find_dir(dataset, [media_root(src, images)], ["images", ""], "images")
     books = [(asin, row) for asin, row in load_json(path).items()
              if not isinstance(row, dict) or row.get("split") == SPLIT_CODES[split]]
     total = sum(len(row.get("questions") or [None]) if isinstance(row, dict) else 1 for _, row in books)
