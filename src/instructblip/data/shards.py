@@ -160,6 +160,8 @@ def _tar_reason(exn: Exception) -> str:
 
 
 def _first_arg(exn: Exception) -> str:
+    if isinstance(exn, OSError) and exn.strerror:
+        return exn.strerror
     return str(exn.args[0]) if exn.args else ""
 
 
@@ -167,12 +169,12 @@ def _source_of(exn: Exception) -> str | None:
     """The file object (or url) an exception came from, as webdataset attaches it: member-level errors append
     ``" @ <fileobj>"`` to the message, stream-level ones append ``(stream, url)`` to the args."""
     args = exn.args
+    if isinstance(exn, OSError) and exn.filename:
+        return str(exn.filename)
     if len(args) >= 3 and isinstance(args[-1], str):
         return str(args[-2]) if args[-2] is not None else args[-1]
     if args and isinstance(args[0], str) and " @ " in args[0]:
         return args[0].rsplit(" @ ", 1)[1]
-    if isinstance(exn, OSError) and exn.filename:
-        return str(exn.filename)
     return None
 
 
