@@ -1,0 +1,213 @@
+"""What the benchmarks share: model sizes, building both implementations from the same weights, inputs, timing.
+
+Both sides are built from one seeded ``transformers.InstructBlipForConditionalGeneration``: ours is loaded from its
+state dict through the project's Hugging Face loader, so any difference in the timings is implementation, not
+weights. Every benchmark checks the two agree before it times them.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from datetime import date
+
+import torch
+
+# Sizes by flag. "tiny" is the test suite's model; "cpu" keeps the real proportions (vision > LLM width > Q-Former,
+# a 32k vocabulary) at a size a 2-core CPU times in seconds; the released ones need a GPU.
+SIZES = {
+    "tiny": dict(
+        image_size=28, patch_size=14, vision_width=32, vision_layers=2, vision_heads=4, vision_mlp=64,
+        qformer_width=32, qformer_layers=2, qformer_heads=4, qformer_intermediate=64, num_query_tokens=4,
+        llm_width=32, llm_layers=2, llm_heads=4, llm_intermediate=64, vocab_size=512,
+    ),
+    "cpu": dict(
+        image_size=112, patch_size=14, vision_width=256, vision_layers=6, vision_heads=4, vision_mlp=1024,
+        qformer_width=128, qformer_layers=4, qformer_heads=4, qformer_intermediate=512, num_query_tokens=32,
+        llm_width=256, llm_layers=4, llm_heads=4, llm_intermediate=688, vocab_size=32064,
+    ),
+    "released": None,  # the Vicuna-7B / FlanT5-XL configurations (see released_config)
+}
+
+
+def released_config(llm: str):
+    from transformers import InstructBlipConfig, LlamaConfig, T5Config
+
+    if llm == "llama":
+        text = LlamaConfig(
+            vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-6, pad_token_id=32000,
+            bos_token_id=2, eos_token_id=2, tie_word_embeddings=False,
+        )
+        image_token = 32001
+    else:
+        text = T5Config(
+            vocab_size=32128, d_model=2048, d_ff=5120, d_kv=64, num_heads=32, num_layers=24,
+            num_decoder_layers=24, feed_forward_proj="gated-gelu", dense_act_fn="gelu", is_gated_act=True,
+            tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        )
+        image_token = 32100
+    return InstructBlipConfig(
+        vision_config={}, qformer_config={"vocab_size": 30523}, text_config=text.to_dict(),
+        num_query_tokens=32, image_token_index=image_token,
+    )
+
+
+def small_config(size: str, llm: str):
+    from transformers import InstructBlipConfig, LlamaConfig, T5Config
+
+    s = SIZES[size]
+    if llm == "llama":
+        text = LlamaConfig(
+            vocab_size=s["vocab_size"], hidden_size=s["llm_width"], intermediate_size=s["llm_intermediate"],
+            num_hidden_layers=s["llm_layers"], num_attention_heads=s["llm_heads"],
+            num_key_value_heads=s["llm_heads"], rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=2,
+            eos_token_id=2, tie_word_embeddings=False,
+        )
+    else:
+        text = T5Config(
+            vocab_size=s["vocab_size"], d_model=s["llm_width"], d_ff=s["llm_intermediate"],
+            d_kv=s["llm_width"] // s["llm_heads"], num_heads=s["llm_heads"], num_layers=s["llm_layers"],
+            num_decoder_layers=s["llm_layers"], feed_forward_proj="gated-gelu", dense_act_fn="gelu",
+            is_gated_act=True, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    return InstructBlipConfig(
+        vision_config=dict(
+            hidden_size=s["vision_width"], intermediate_size=s["vision_mlp"], num_hidden_layers=s["vision_layers"],
+            num_attention_heads=s["vision_heads"], image_size=s["image_size"], patch_size=s["patch_size"],
+        ),
+        qformer_config=dict(
+            hidden_size=s["qformer_width"], num_hidden_layers=s["qformer_layers"],
+            num_attention_heads=s["qformer_heads"], intermediate_size=s["qformer_intermediate"], vocab_size=30523,
+        ),
+        text_config=text.to_dict(),
+        num_query_tokens=s["num_query_tokens"],
+        image_token_index=s["vocab_size"] - 1,
+    )
+
+
+@dataclass
+class Pair:
+    theirs: torch.nn.Module  # transformers.InstructBlipForConditionalGeneration
+    ours: torch.nn.Module  # instructblip.InstructBlip
+    config: object  # the transformers InstructBlipConfig
+
+
+def build_pair(size: str, llm: str, device: str, seed: int = 0) -> Pair:
+    """Both implementations with identical weights, frozen parts frozen (and in bf16 on CUDA) on ``device``."""
+    from transformers import InstructBlipForConditionalGeneration
+
+    from instructblip.checkpoint.hf import build_from_hf
+
+    config = released_config(llm) if size == "released" else small_config(size, llm)
+    config.vision_config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        theirs = InstructBlipForConditionalGeneration(config)
+    theirs.eval()
+    # Same weights into ours (on the CPU side of the loader when on CUDA, to keep one GPU copy at a time).
+    state = {k: v.detach().to("cpu") for k, v in theirs.state_dict().items()}
+    ours = build_from_hf(config.to_dict(), state, device=device)
+    del state
+    freeze_like_lavis(theirs)
+    if device.startswith("cuda"):  # frozen towers in bf16, trainable parts fp32 (ours does this by its dtype policy)
+        theirs.vision_model.to(torch.bfloat16)
+        theirs.vision_model.post_layernorm.float()
+        theirs.language_model.to(torch.bfloat16)
+    return Pair(theirs=theirs, ours=ours, config=config)
+
+
+def freeze_like_lavis(theirs) -> None:
+    """The trainable set of InstructBLIP: queries, Q-Former, projection and ln_vision (post_layernorm)."""
+    theirs.vision_model.requires_grad_(False)
+    theirs.vision_model.post_layernorm.requires_grad_(True)
+    theirs.language_model.requires_grad_(False)
+
+
+def synthetic_batch(config, batch: int, qformer_len: int, prompt_len: int, answer_len: int, device: str, seed: int = 0):
+    """Our batch (text only) and transformers' (with ``<image>`` placeholders), training layout, right padded.
+
+    ``prompt_len`` counts the visual tokens, as the issue's figures do (64 = 32 image tokens + 32 text tokens).
+    """
+    g = torch.Generator().manual_seed(seed)
+    vocab = config.text_config.vocab_size
+    queries = config.num_query_tokens
+    size = config.vision_config.image_size
+    text_len = max(prompt_len - queries, 1)
+    pixel_values = torch.randn(batch, 3, size, size, generator=g)
+    qformer_ids = torch.randint(1000, 30000, (batch, qformer_len), generator=g)
+    if config.use_decoder_only_language_model:
+        ids = torch.randint(3, vocab - 2, (batch, text_len + answer_len), generator=g)
+        labels = ids.clone()
+        labels[:, :text_len] = -100
+        ours = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+        image_ids = torch.full((batch, queries), config.image_token_index)
+        theirs = dict(
+            input_ids=torch.cat([image_ids, ids], 1),
+            attention_mask=torch.ones(batch, queries + ids.shape[1], dtype=torch.long),
+            labels=torch.cat([torch.full_like(image_ids, -100), labels], 1),
+        )
+    else:
+        ids = torch.randint(3, vocab - 2, (batch, text_len), generator=g)
+        labels = torch.randint(3, vocab - 2, (batch, answer_len), generator=g)
+        ours = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+        image_ids = torch.full((batch, queries), config.image_token_index)
+        theirs = dict(
+            input_ids=torch.cat([image_ids, ids], 1),
+            attention_mask=torch.ones(batch, queries + ids.shape[1], dtype=torch.long),
+            labels=labels,
+        )
+    shared = dict(
+        pixel_values=pixel_values, qformer_input_ids=qformer_ids, qformer_attention_mask=torch.ones_like(qformer_ids)
+    )
+    move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+    return move({**shared, **ours}), move({**shared, **theirs})
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, device: str, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def environment(device: str) -> dict:
+    import transformers
+
+    env = dict(
+        date=date.today().isoformat(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        device=device,
+        threads=torch.get_num_threads(),
+        machine=platform.machine(),
+    )
+    if device.startswith("cuda"):
+        env["card"] = torch.cuda.get_device_name()
+    else:
+        env["cpu"] = platform.processor() or "unknown"
+    return env
+
+
+def emit(result: dict) -> None:
+    """One JSON object on stdout (the benchmarks' contract)."""
+    json.dump(result, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
