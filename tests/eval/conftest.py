@@ -88,6 +88,12 @@ def _jpeg(png: bytes) -> bytes:
 
 
 @pytest.fixture(scope="session")
+def fixture_datasets():
+    """(registry name -> eval split, samples per dataset) of the ``eval_shards`` fixture."""
+    return dict(FIXTURE_DATASETS), SAMPLES_PER_DATASET
+
+
+@pytest.fixture(scope="session")
 def eval_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_shards")
     for name, split in FIXTURE_DATASETS.items():

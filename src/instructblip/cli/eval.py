@@ -47,7 +47,7 @@ def evaluate(cfg) -> Path | None:
     from instructblip.errors import ConfigError
     from instructblip.eval.paper_results import PAPER_ZERO_SHOT, guess_paper_model
     from instructblip.eval.report import log_results, write_results
-    from instructblip.eval.runner import Benchmark, evaluate_benchmark
+    from instructblip.eval.runner import Benchmark, evaluate_benchmark, find_shards
 
     import instructblip.shapesworld.tasks  # noqa: F401  registers the ShapesWorld datasets
 
@@ -62,6 +62,9 @@ def evaluate(cfg) -> Path | None:
     for info in infos:
         if info.answer_length not in generation:
             raise ConfigError(f"generation.{info.answer_length} is missing (needed by {info.name})")
+        if info.eval_split is None:
+            raise ConfigError(f"{info.name} has no evaluation split in the registry (a training-only dataset)")
+        find_shards(cfg.shards, info.name, info.eval_split)  # fail before loading the model
 
     dist = _setup_distributed()
     device = cfg.device
