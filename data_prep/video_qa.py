@@ -45,6 +45,11 @@ def records(dataset: str, src: Path, split: str, videos: str | None = None, num_
     num_frames = int(num_frames)
     if num_frames < 1:
         raise ConfigError(f"{dataset}: num_frames must be >= 1, got {num_frames}")
+    if dataset == "ivqa":
+        names = [f"{split}.csv"]
+    else:
+        names = [f"{split}_qa.json"] + (["youtube_mapping.txt"] if dataset == "msvd_qa" else [])
+    paths = find_files(dataset, src, names, subdirs=QA_SUBDIRS[dataset])
     root = media_root(src, videos)
     folders = [root / name for name in VIDEO_DIRS[dataset] if (root / name).is_dir()]
     if not folders:
@@ -52,13 +57,9 @@ def records(dataset: str, src: Path, split: str, videos: str | None = None, num_
         raise MissingFilesError(f"{dataset}: missing the video folder (looked for {looked})")
     frames = lru_cache(maxsize=32)(video_members)  # consecutive questions share a video: decode it once
     if dataset == "ivqa":
-        name = f"{split}.csv"
-        path = find_files(dataset, src, [name], subdirs=QA_SUBDIRS[dataset])[name]
-        with open(path, encoding="utf-8", newline="") as handle:
+        with open(paths[names[0]], encoding="utf-8", newline="") as handle:
             rows = list(csv.DictReader(handle))
         return Source(_ivqa_items(dataset, split, rows, folders, num_frames, frames), len(rows))
-    names = [f"{split}_qa.json"] + (["youtube_mapping.txt"] if dataset == "msvd_qa" else [])
-    paths = find_files(dataset, src, names, subdirs=QA_SUBDIRS[dataset])
     clip_names = _youtube_mapping(paths["youtube_mapping.txt"]) if dataset == "msvd_qa" else None
     rows = load_json(paths[names[0]])
     return Source(_qa_items(dataset, split, rows, clip_names, folders, num_frames, frames), len(rows))

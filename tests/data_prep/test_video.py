@@ -6,10 +6,13 @@ import csv
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import check, convert, garbage, grey_video, write_json
 from data_prep.media import BAD_FIELD, MISSING_VIDEO, UNREADABLE_VIDEO, uniform_indices
+from data_prep.sources import MissingFilesError
+from instructblip.errors import ConfigError
 
 
 def _levels(media: dict[str, bytes]) -> list[float]:
@@ -85,3 +88,15 @@ def test_ivqa_five_answers_clips_and_time_windows(src, out):
     assert np.allclose(_levels(samples["000000"][1]), [clip_levels[i] for i in uniform_indices(10, 4)], atol=10)
     window = full_levels[5:10]  # only [0.5, 0.9] s of the full video
     assert np.allclose(_levels(samples["000001"][1]), [window[i] for i in uniform_indices(5, 4)], atol=10)
+
+
+def test_missing_files_and_video_folder_are_named(src, out):
+    with pytest.raises(MissingFilesError, match=r"msvd_qa: missing test_qa.json, youtube_mapping.txt \(looked in"):
+        convert("msvd_qa", src, out)
+    write_json(src / "MSVD-QA/test_qa.json", [])
+    (src / "MSVD-QA/youtube_mapping.txt").write_text("")
+    with pytest.raises(MissingFilesError, match=r"msvd_qa: missing the video folder \(looked for .*YouTubeClips"):
+        convert("msvd_qa", src, out)
+    with pytest.raises(ConfigError, match="num_frames must be >= 1"):
+        convert("msvd_qa", src, out, num_frames=0)
+    assert not out.exists()
