@@ -52,7 +52,8 @@ def test_sqrt_proportional_uniform_and_explicit_weights():
     assert sampling_weights(sizes, "uniform") == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
     assert sampling_weights(sizes, "explicit", weights={"a": 2, "b": 1, "c": 1}) == pytest.approx(
         {"a": 0.5, "b": 0.25, "c": 0.25})
-    assert sampling_weights(sizes, "sqrt", adjustments={"a": 3.0}) == pytest.approx({"a": 3 / 9, "b": 2 / 9, "c": 4 / 9})
+    adjusted = sampling_weights(sizes, "sqrt", adjustments={"a": 3.0})
+    assert adjusted == pytest.approx({"a": 3 / 9, "b": 2 / 9, "c": 4 / 9})
 
 
 def test_paper_adjustments_lower_aokvqa_and_raise_okvqa():

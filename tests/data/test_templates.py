@@ -7,6 +7,7 @@ import random
 import string
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -99,13 +100,17 @@ def test_paper_zero_shot_prompts_are_rendered_exactly():
         "Context: A farm. Question: Which animal is shown? Options: (a) cat (b) dog (c) cow. Answer:"
     )
     no_context = Record(**{**scienceqa.__dict__, "context": ""})
-    assert render_evaluation(no_context).instruction == "Question: Which animal is shown? Options: (a) cat (b) dog (c) cow. Answer:"
+    assert render_evaluation(no_context).instruction == (
+        "Question: Which animal is shown? Options: (a) cat (b) dog (c) cow. Answer:"
+    )
     nocaps = record_for("nocaps", "caption", "val")
     assert render_evaluation(nocaps) == ("A short image description:", "a cat on a mat")
     gqa = record_for("gqa", "vqa", "testdev")
     assert render_evaluation(gqa).instruction == "Question: What color is the bus? Short answer:"
     memes = record_for("hateful_memes", "classification", "dev_seen")
-    assert render_evaluation(memes).instruction == 'This is an image with: "look at this" written on it. Is it hateful? Answer:'
+    assert render_evaluation(memes).instruction == (
+        'This is an image with: "look at this" written on it. Is it hateful? Answer:'
+    )
     visdial = record_for("visdial", "dialog", "val")
     assert render_evaluation(visdial) == (
         "Dialog history: a park. any people? two.\n Question: is it sunny Short answer:", "yes"
@@ -113,7 +118,8 @@ def test_paper_zero_shot_prompts_are_rendered_exactly():
 
 
 def test_evaluation_prompts_are_the_same_in_another_process():
-    names = sorted(DATASETS)
+    # the paper's datasets only: other tests may have registered ShapesWorld in this process, not in the child
+    names = sorted(name for name, info in DATASETS.items() if info.world == "real")
     here = {name: render_evaluation(record_for(name, DATASETS[name].task)).instruction for name in names}
     assert here == {name: render_evaluation(record_for(name, DATASETS[name].task)).instruction for name in names}
     code = (
@@ -121,13 +127,12 @@ def test_evaluation_prompts_are_the_same_in_another_process():
         "from test_templates import record_for;"
         "from instructblip.data.registry import DATASETS;"
         "from instructblip.data.templates import render_evaluation;"
-        "print(json.dumps({n: render_evaluation(record_for(n, DATASETS[n].task)).instruction for n in sorted(DATASETS)}))"
+        "names = sys.argv[2].split(',');"
+        "print(json.dumps({n: render_evaluation(record_for(n, DATASETS[n].task)).instruction for n in names}))"
     )
-    from pathlib import Path
-
     result = subprocess.run(
-        [sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True, check=True,
-        env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"},
+        [sys.executable, "-c", code, str(Path(__file__).parent), ",".join(names)], capture_output=True, text=True,
+        check=True, env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"},
     )
     assert json.loads(result.stdout.strip().splitlines()[-1]) == here
 
@@ -201,3 +206,9 @@ def test_missing_fields_name_what_the_task_needs():
 def test_unlisted_datasets_fall_back_to_the_family_default():
     record = record_for("shapes_count", "vqa")
     assert evaluation_template(record) == TEMPLATES["vqa"][0]
+
+
+def test_classification_without_a_named_question_asks_a_neutral_one():
+    record = record_for("shapes_binary", "classification")
+    assert "Does the text match the image?" in render_evaluation(record).instruction
+    assert "hateful" not in render_evaluation(record).instruction

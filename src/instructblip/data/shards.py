@@ -11,8 +11,8 @@ Public pieces:
 * :class:`SkipCounter` -- counts of skipped samples per reason (:data:`SKIP_REASONS`), kept in a shared-memory
   tensor that the counter allocates when it is created in the main process. DataLoader workers (forked or spawned)
   write into the same memory, so ``counter.counts()`` read in the main process is the total over all workers,
-  including skips after the last sample of a stream (which a "counts in the batch" scheme would lose). It is per process group member: under
-  DDP every rank has its own counter; the training module sums them across ranks when it logs. Each reason's first
+  including skips after the last sample of a stream (which a "counts in the batch" scheme would lose). Under DDP
+  every rank has its own counter; the training module sums them across ranks when it logs. Each reason's first
   few occurrences are also logged as warnings naming the shard and sample.
 * :func:`decode_example` / :class:`ExampleDecoder` -- raw tar sample dict -> :class:`Example`, or None (skipped).
 

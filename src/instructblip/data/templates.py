@@ -208,6 +208,8 @@ EVALUATION_PROMPTS: dict[str, str] = {
 
 #: The yes/no question a classification record is about, per dataset (records may also carry it in ``question``).
 CLASSIFICATION_QUESTIONS: dict[str, str] = {"hateful_memes": "Is it hateful?"}
+#: ... and for classification datasets that name no question at all.
+GENERIC_CLASSIFICATION_QUESTION = "Does the text match the image?"
 
 
 class Rendered(NamedTuple):
@@ -328,7 +330,9 @@ def _fields(record: Record, rng: random.Random | None) -> dict[str, str]:
     """Placeholder values; ``rng`` picks among several references (None: the first one)."""
     pick = (lambda items: rng.choice(items)) if rng is not None else (lambda items: items[0])
     question = (record.question or "").strip()
-    classification_question = record.question or CLASSIFICATION_QUESTIONS.get(record.dataset, "Is it hateful?")
+    classification_question = record.question or CLASSIFICATION_QUESTIONS.get(
+        record.dataset, GENERIC_CLASSIFICATION_QUESTION
+    )
     return {
         "question": question,
         "answer": pick(record.answers) if record.answers else "",
