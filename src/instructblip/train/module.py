@@ -17,6 +17,7 @@ micro-batch trains the same way on one process with accumulation, on any rank of
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -154,6 +155,10 @@ class InstructBlipModule(pl.LightningModule):
             self.parallelize_fn(self.model, self.trainer)
         self.train()  # from_pretrained hands the model over in eval mode; what trains needs its dropout
 
+    def on_fit_start(self) -> None:
+        # Lightning warns about modules left in eval mode at the start of fit: ours are the frozen towers, on purpose
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", module="lightning")
+
     def train(self, mode: bool = True):
         super().train(mode)
         for module in self._frozen:  # dropout off and no statistics updates in the frozen towers, as LAVIS
@@ -241,12 +246,14 @@ class InstructBlipModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_lines = defaultdict(list)
 
-    def validation_step(self, batch: list, batch_idx: int) -> None:
+    def validation_step(self, batch: list, batch_idx: int) -> list[str] | None:
+        """Generates answers for the metrics; returns them (in batch order, None examples dropped) for callbacks
+        such as the W&B prediction table."""
         from instructblip.data.templates import render_evaluation
 
         batch = [example for example in batch if example is not None]
         if not batch:
-            return
+            return None
         settings = {"max_new_tokens": 10, "num_beams": 1}
         settings.update(self.validation_settings.get("generate", {}))
         prompts = [render_evaluation(example["record"]).instruction for example in batch]
@@ -256,6 +263,7 @@ class InstructBlipModule(pl.LightningModule):
             self._val_lines[example["dataset"]].append(
                 {"id": record.id, "prediction": prediction, "references": list(record.answers)}
             )
+        return predictions
 
     def on_validation_epoch_end(self) -> None:
         from instructblip.data.registry import get
