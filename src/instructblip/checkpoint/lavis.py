@@ -333,8 +333,11 @@ def load_lavis(
     tokenizer.truncation_side = "left"
     if llm_kind == "decoder_only":
         # LAVIS blip2_vicuna_instruct: "[PAD]" added, and "</s>" as bos, eos and unk.
-        tokenizer.add_special_tokens({"pad_token": "[PAD]", "bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>"})
-        if hasattr(tokenizer, "update_post_processor"):
+        tokenizer.add_special_tokens(
+            {"pad_token": "[PAD]", "bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>"}
+        )
+        if hasattr(tokenizer, "update_post_processor"):  # make the fast post-processor prepend the new bos
+            tokenizer.add_bos_token = True
             tokenizer.update_post_processor()
         tokenizer.padding_side = "left"
     else:
@@ -545,3 +548,38 @@ def _some(keys, limit: int = 5) -> str:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_lavis_checkpoint(
+    path: str | Path,
+    vision: str | Path | None = None,
+    llm: str | Path | None = None,
+    model: str | None = None,
+    config: str | Path | None = None,
+    qformer_tokenizer: str | Path | None = None,
+    ln_vision_eps: float = LAVIS_LN_VISION_EPS,
+    **overrides,
+):
+    """``InstructBlip`` (processor attached) from a LAVIS trimmed ``.pth`` plus its vision and LLM weights
+    (what ``InstructBlip.from_pretrained(path, vision=..., llm=..., model=...)`` calls).
+
+    The parts are assembled in Hugging Face terms and loaded through the Hugging Face loader via a temporary
+    directory; ``ln_vision`` then gets LAVIS's eps (1e-5 unless ``ln_vision_eps`` says otherwise). ``overrides`` go
+    to the Hugging Face loader (``device``, config fields).
+    """
+    import tempfile
+
+    from instructblip.checkpoint.hf import load_hf_checkpoint
+
+    if vision is None or llm is None:
+        raise ConfigError(
+            f"LAVIS checkpoint {path} holds only the trained parts: also give vision=<eva_vit_g.pth or an EVA "
+            "checkpoint> and llm=<Hugging Face LLaMA/T5 directory>"
+        )
+    checkpoint = load_lavis(path, vision, llm, model, config, qformer_tokenizer, ln_vision_eps)
+    with tempfile.TemporaryDirectory(prefix="instructblip-lavis-") as tmp:
+        save_hf(checkpoint, tmp)
+        loaded = load_hf_checkpoint(tmp, **overrides)
+    loaded.vision.ln_vision.eps = ln_vision_eps
+    loaded.config.vision.ln_vision_eps = ln_vision_eps
+    return loaded
