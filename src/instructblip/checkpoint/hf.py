@@ -83,8 +83,9 @@ def _compile(pattern: str) -> re.Pattern:
     return re.compile("^" + re.escape(pattern).replace(re.escape("{i}"), r"(\d+)"))
 
 
-_HF_TO_OURS = [(_compile(hf), ours) for hf, ours in _RENAMES]
-_OURS_TO_HF = [(_compile(ours), hf) for hf, ours in _RENAMES]
+# Longest pattern first, so that a specific rule (``...self_attention.out_proj.``) wins over a general one.
+_HF_TO_OURS = [(_compile(hf), ours) for hf, ours in sorted(_RENAMES, key=lambda r: -len(r[0]))]
+_OURS_TO_HF = [(_compile(ours), hf) for hf, ours in sorted(_RENAMES, key=lambda r: -len(r[1]))]
 
 
 def _rename(key: str, table) -> str | None:

@@ -99,7 +99,12 @@ class _OpenClipTower(nn.Module):
         model_name = config.backbone[len(OPEN_CLIP_PREFIX):]
         if model_name not in open_clip.list_models():
             raise ConfigError(f"vision.backbone: unknown open_clip model {model_name!r} (see open_clip.list_models())")
-        model = open_clip.create_model(model_name, pretrained=config.pretrained, cache_dir=config.cache_dir)
+        model = open_clip.create_model(
+            model_name,
+            pretrained=config.pretrained,
+            cache_dir=config.cache_dir,
+            device=torch.get_default_device(),  # "meta" inside torch.device("meta") (size checks, lazy loading)
+        )
         visual = model.visual
         if hasattr(visual, "trunk"):  # a timm trunk (EVA01-g-14, ...) behind open_clip's adapter
             self.trunk = visual.trunk

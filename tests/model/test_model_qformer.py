@@ -1,0 +1,135 @@
+"""The Q-Former's modes, the instruction_aware=False ablation, and initialisation from a real BERT (MiniLM-L6)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from instructblip.model.instructblip import InstructBlip
+from instructblip.model.presets import get_preset
+from instructblip.model.qformer import QFormer, QFormerConfig, QFormerLMHead, load_bert_weights
+from instructblip.testing import assert_relative_close, bert_model_dir
+
+SMALL = QFormerConfig(
+    hidden_size=32, num_layers=3, num_heads=4, intermediate_size=48, num_query_tokens=4, encoder_hidden_size=24,
+    vocab_size=100, max_position_embeddings=16, dropout=0.0, attention_dropout=0.0,
+)
+
+
+def _inputs(batch=2, text=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    queries = torch.randn(batch, SMALL.num_query_tokens, SMALL.hidden_size, generator=generator)
+    ids = torch.randint(1, SMALL.vocab_size, (batch, text), generator=generator)
+    mask = torch.ones(batch, text, dtype=torch.long)
+    mask[1, 3:] = 0
+    image = torch.randn(batch, 7, SMALL.encoder_hidden_size, generator=generator)
+    return queries, ids, mask, image
+
+
+def test_cross_attention_every_kth_layer():
+    qformer = QFormer(SMALL)
+    assert [layer.cross_attention is not None for layer in qformer.layers] == [True, False, True]
+
+
+def test_instruction_changes_queries_and_padding_is_ignored():
+    qformer = QFormer(SMALL).eval()
+    queries, ids, mask, image = _inputs()
+    num_queries = SMALL.num_query_tokens
+    with torch.no_grad():
+        out = qformer(queries, ids, mask, image)
+        other = qformer(queries, ids.roll(1, dims=1), mask, image)
+        # Tokens behind the padding mask must not matter.
+        noisy_pad = ids.clone()
+        noisy_pad[1, 3:] = 7
+        padded = qformer(queries, noisy_pad, mask, image)
+    assert out.shape == (2, num_queries + 5, SMALL.hidden_size)
+    assert not torch.allclose(out[:, :num_queries], other[:, :num_queries])
+    assert torch.allclose(out[1, :num_queries], padded[1, :num_queries], atol=1e-6)
+
+
+def test_causal_text_mode_keeps_queries_text_blind():
+    """Image-grounded generation: queries see only queries (and the image); text sees queries and earlier text."""
+    qformer = QFormer(SMALL).eval()
+    queries, ids, mask, image = _inputs()
+    num_queries = SMALL.num_query_tokens
+    with torch.no_grad():
+        query_only = qformer(queries, image_embeds=image)
+        causal = qformer(queries, ids, mask, image, causal_text=True)
+        changed_tail = ids.clone()
+        changed_tail[:, -1] = (changed_tail[:, -1] + 1) % SMALL.vocab_size
+        causal_changed = qformer(queries, changed_tail, mask, image, causal_text=True)
+        bidirectional = qformer(queries, ids, mask, image)
+    assert_relative_close(causal[:, :num_queries], query_only)
+    assert torch.allclose(causal[0, : num_queries + 4], causal_changed[0, : num_queries + 4], atol=1e-6)
+    assert not torch.allclose(causal[0, -1], causal_changed[0, -1])
+    assert not torch.allclose(causal[:, :num_queries], bidirectional[:, :num_queries])
+
+
+def test_text_only_mode_matches_transformers_bert():
+    """Text-only (image-text contrastive features) with MiniLM-L6 weights = transformers' BertModel."""
+    from safetensors.torch import load_file
+    from transformers import BertModel
+
+    bert_dir = bert_model_dir()
+    bert_config = json.loads((bert_dir / "config.json").read_text())
+    config = QFormerConfig.from_bert_config(bert_config, encoder_hidden_size=24)
+    assert (config.hidden_size, config.num_layers, config.vocab_size) == (384, 6, 30523)
+    state = load_file(str(bert_dir / "model.safetensors"))
+    qformer = QFormer(config).eval()
+    head = QFormerLMHead(config)
+    not_from_bert = load_bert_weights(qformer, state, lm_head=head)
+    assert not_from_bert and all(".cross_attention." in name for name in not_from_bert)
+    layer = qformer.layers[0]
+    assert torch.equal(layer.query_ffn.fc_in.weight, layer.text_ffn.fc_in.weight)  # LAVIS copies text -> query FFN
+    # BERT adds token-type embedding 0 everywhere; the Q-Former has none, so fold it into the positions here.
+    with torch.no_grad():
+        qformer.embeddings.position_embeddings.weight += state["embeddings.token_type_embeddings.weight"][0]
+
+    bert = BertModel.from_pretrained(bert_dir, attn_implementation="eager").eval()
+    ids = torch.tensor([[101, 1037, 2417, 2675, 102, 0], [101, 2054, 2003, 2023, 1029, 102]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        expected = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        actual = qformer(input_ids=ids, attention_mask=mask)
+        logits = head(actual)
+    assert_relative_close(actual[mask.bool()], expected[mask.bool()])
+    assert logits.shape == (2, 6, 30523)
+
+
+def test_bert_size_mismatch_is_a_checkpoint_error():
+    from safetensors.torch import load_file
+
+    from instructblip.errors import CheckpointError
+
+    state = load_file(str(bert_model_dir() / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="from_bert_config"):
+        load_bert_weights(QFormer(SMALL), state)
+
+
+def test_without_instruction_has_no_text_branch_and_trains():
+    with torch.device("meta"):
+        full = InstructBlip(get_preset("instructblip-flant5xl"))
+        ablation = InstructBlip(get_preset("instructblip-flant5xl", instruction_aware=False))
+    names = {name for name, _ in ablation.named_parameters()}
+    assert not any(".text_ffn." in n or "word_embeddings" in n or "position_embeddings" in n for n in names)
+    assert any(".text_ffn." in n for n, _ in full.named_parameters())
+
+    torch.manual_seed(0)
+    model = InstructBlip(get_preset("tiny-t5", instruction_aware=False)).train()
+    pixels = torch.randn(2, 3, 28, 28)
+    output = model(
+        pixel_values=pixels,
+        input_ids=torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]]),
+        attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+        qformer_input_ids=torch.tensor([[101, 2054, 102], [101, 102, 0]]),  # ignored: no text branch
+        labels=torch.tensor([[10, 11, 1], [12, 1, -100]]),
+    )
+    output.loss.backward()
+    assert model.query_tokens.grad.abs().sum() > 0
+    assert model.qformer.layers[0].cross_attention.key.weight.grad.abs().sum() > 0
+    assert model.vision.ln_vision.weight.grad is not None
+    assert all(p.grad is None for p in model.vision.trunk.parameters())
+    assert all(p.grad is None for p in model.llm.parameters())
+    assert not model.vision.trunk.training  # the frozen encoder stays in eval mode
