@@ -104,3 +104,5 @@ def test_missing_file_and_missing_keys(tmp_path, monkeypatch, capsys):
     assert code == 2 and "nope.jsonl: no such predictions file" in err
     code, _, err = run_score(monkeypatch, capsys, "metric=cider")
     assert code == 2 and "predictions= is required" in err
+    code, _, err = run_score(monkeypatch, capsys, "metric=cider", "predictions=x.jsonl", "k=5")
+    assert code == 2 and "unknown setting 'k'; allowed: metric, predictions, rule, normalize" in err

@@ -15,16 +15,14 @@ it. Bad input gives one line on stderr naming the file and line, and exit status
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
-import hydra
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING
 
-from instructblip.errors import InstructBlipError
-from instructblip.eval.metrics import METRICS
+from instructblip.cli._common import require, run_hydra_app
+
+PROG = "instructblip-score"
 
 
 @dataclass
@@ -35,39 +33,21 @@ class ScoreConfig:
     normalize: Optional[str] = None  # accuracy, ivqa_accuracy: vqa | none
 
 
-ConfigStore.instance().store(name="score_schema", node=ScoreConfig)
-ConfigStore.instance().store(
-    name="score",
-    node={
-        "defaults": ["score_schema", {"override hydra/job_logging": "none"},
-                     {"override hydra/hydra_logging": "none"}, "_self_"],
-        # A scoring command writes nothing but its answer: no output directory, no logs.
-        "hydra": {"run": {"dir": "."}, "output_subdir": None},
-    },
-)
-
-
-def _fail(message: str) -> None:
-    print(f"instructblip-score: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-@hydra.main(version_base=None, config_name="score")
-def main(cfg: DictConfig) -> None:
+def score(cfg) -> None:
+    from instructblip.eval.metrics import METRICS
     from instructblip.eval.predictions import score_file
 
-    for key in ("metric", "predictions"):
-        if OmegaConf.is_missing(cfg, key):
-            _fail(f"{key}= is required; usage: instructblip-score metric=NAME predictions=FILE.jsonl "
-                  f"(metrics: {', '.join(METRICS)})")
+    require(PROG, cfg, ("metric", "predictions"),
+            f"{PROG} metric=NAME predictions=FILE.jsonl (metrics: {', '.join(METRICS)})")
     options = {key: cfg[key] for key in ("rule", "normalize") if cfg[key] is not None}
-    try:
-        result = score_file(cfg.metric, cfg.predictions, **options)
-    except (InstructBlipError, OSError, ValueError) as error:
-        _fail(str(error))
+    result = score_file(cfg.metric, cfg.predictions, **options)
     print(f"{result.metric}: {result.score:.2f} over {result.n} samples from {cfg.predictions}"
           + (f" ({result.duplicates} repeated ids dropped)" if result.duplicates else ""))
     print(json.dumps(result.as_json()))
+
+
+def main() -> None:
+    run_hydra_app(PROG, ScoreConfig, score)
 
 
 if __name__ == "__main__":
