@@ -1,0 +1,69 @@
+"""A NaN/inf loss skips the optimiser step (weights and AdamW state untouched) and is counted; too many in a row
+stop the run with a clear message."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from train_helpers import compose, tiny_overrides
+
+
+class Snapshots(pl.Callback):
+    """The trainable weights after every optimiser step."""
+
+    def __init__(self):
+        self.after_step: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after_step.append({k: v.clone() for k, v in pl_module.trainable_state_dict().items()})
+
+
+def poison(module, bad_batches: set[int] | None):
+    """Make the loss of the given micro-batches (all when None) NaN, the rest untouched."""
+    original = module.compute_loss
+
+    def compute_loss(batch):
+        loss, per_sample = original(batch)
+        if bad_batches is None or module.trainer.fit_loop.total_batch_idx in bad_batches:
+            loss = loss * float("nan")
+        return loss, per_sample
+
+    module.compute_loss = compute_loss
+
+
+def test_nonfinite_loss_skips_the_step_and_is_counted(tiny_checkpoint, generated_data, tmp_path):
+    from instructblip.train.run import build
+
+    cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data, steps=4),
+                   "scheduler.warmup_steps=0", "optimizer.lr=1e-2"], tmp_path)
+    module, datamodule, trainer = build(cfg)
+    snapshots = Snapshots()
+    trainer.callbacks.append(snapshots)
+    poison(module, {1})
+    trainer.fit(module, datamodule=datamodule)
+
+    assert module.nonfinite_skipped == 1 and module.nonfinite_in_a_row == 0
+    before, skipped, after = snapshots.after_step[0], snapshots.after_step[1], snapshots.after_step[2]
+    assert all(torch.equal(before[k], skipped[k]) for k in before), "the NaN step changed weights"
+    assert any(not torch.equal(skipped[k], after[k]) for k in before), "training did not continue after the skip"
+    assert all(torch.isfinite(v).all() for v in snapshots.after_step[-1].values())
+    optimizer = trainer.optimizers[0]
+    steps = {int(state["step"]) for state in optimizer.state.values()}
+    assert steps == {3}, f"AdamW counted the skipped step: {steps}"
+    assert trainer.global_step == 4  # the skipped step used its batch and its schedule slot
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tiny_checkpoint, generated_data, tmp_path):
+    from instructblip.train.module import NonFiniteLossError
+    from instructblip.train.run import build
+
+    cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data, steps=10),
+                   "faults.max_consecutive_nonfinite=2"], tmp_path)
+    module, datamodule, trainer = build(cfg)
+    poison(module, None)
+    with pytest.raises(NonFiniteLossError, match=r"3 optimiser steps in a row had a NaN/inf loss.*"
+                                                 r"faults.max_consecutive_nonfinite=2"):
+        trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 2
