@@ -124,8 +124,8 @@ def test_ranks_and_workers_draw_different_independent_streams(three_datasets, di
         distributed_env(rank, 2, worker, 2)
         assert stream(MixtureDataset(three_datasets, probabilities, seed=1, shuffle_buffer=10)) == streams[rank, worker]
     for a, b in itertools.combinations(streams.values(), 2):
-        # independent streams agree on (dataset, sample) at a position about as often as chance does: here at most
-        # p_large * 1/20 + ... < 5% on average; 25% would mean shared randomness
+        # independent streams agree on (dataset, sample) at a position about as often as chance does:
+        # 0.2/10 + 0.3/10 + 0.5/20 = 7.5% here (9 of 120); 25% would mean shared randomness
         same = sum(x[:2] == y[:2] for x, y in zip(a, b))
         assert same < 0.25 * len(a), same
         assert {x[2] for x in a}.isdisjoint({y[2] for y in b})
