@@ -35,6 +35,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.timeout(300)  # a forked child that hangs must not hang the suite
 def test_two_process_sync_drops_repeated_ids(tmp_path):
     port = 29500 + os.getpid() % 1000
     # fork: the children reuse this process's imports (spawn would re-import torch in each, tens of seconds)
@@ -47,3 +48,48 @@ def test_two_process_sync_drops_repeated_ids(tmp_path):
         assert result["n"] == len(ROWS)
         assert result["accuracy"] == pytest.approx(single_acc.compute().item())
         assert result["auroc"] == pytest.approx(single_auc.compute().item())
+
+
+def _runner_worker(rank: int, world_size: int, port: int, model, shards: str, out_dir: str) -> None:
+    from pathlib import Path
+
+    from instructblip.data import registry
+    from instructblip.eval.runner import Benchmark, Distributed, evaluate_benchmark
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        for name in ("gqa", "visdial"):
+            result = evaluate_benchmark(model, Benchmark(registry.get(name), {"num_beams": 1, "max_new_tokens": 3}),
+                                        shards, Path(out_dir), batch_size=2, progress=False,
+                                        dist=Distributed(rank, world_size))
+            assert (result is None) == (rank != 0)
+            if result is not None:
+                Path(out_dir, f"{name}.result.json").write_text(json.dumps([result.score, result.n]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_runner_two_ranks_split_shards_and_merge(tmp_path, eval_shards, tiny_checkpoint):
+    """Two ranks take one shard each, write their parts, sync the metric; rank 0 merges the parts. The merged
+    predictions and the score equal a single-process run's."""
+    from instructblip.data import registry
+    from instructblip.eval.runner import Benchmark, evaluate_benchmark, load_predictions
+    from instructblip.model.instructblip import InstructBlip
+
+    model = InstructBlip.from_pretrained(tiny_checkpoint).eval()
+    port = 30500 + os.getpid() % 1000
+    mp.start_processes(_runner_worker, args=(2, port, model, str(eval_shards), str(tmp_path / "ddp")), nprocs=2,
+                       start_method="fork")
+    for name in ("gqa", "visdial"):
+        single = evaluate_benchmark(model, Benchmark(registry.get(name), {"num_beams": 1, "max_new_tokens": 3}),
+                                    eval_shards, tmp_path / "single", batch_size=2, progress=False)
+        parts = list((tmp_path / "ddp" / "predictions").glob(f"{name}.rank*.jsonl"))
+        assert parts == []  # merged into one file and removed
+        merged = {line["id"]: line for line in load_predictions(tmp_path / "ddp" / "predictions" / f"{name}.jsonl")}
+        alone = {line["id"]: line for line in load_predictions(tmp_path / "single" / "predictions" / f"{name}.jsonl")}
+        assert sorted(merged) == sorted(alone)
+        assert {k: v["prediction"] for k, v in merged.items()} == {k: v["prediction"] for k, v in alone.items()}
+        score, n = json.loads((tmp_path / "ddp" / f"{name}.result.json").read_text())
+        assert score == pytest.approx(single.score) and n == single.n == len(alone)
