@@ -90,7 +90,7 @@ def _hydra_job() -> tuple[str | None, str | None]:
     if hydra.mode != RunMode.MULTIRUN:
         return None, None
     name = hydra.job.override_dirname or f"{hydra.job.name}-{hydra.job.num}"
-    return str(hydra.sweep.dir), name
+    return str(hydra.sweep.dir)[-128:], name[:128]  # W&B's limit for both
 
 
 class InstructBlipWandbLogger(WandbLogger):
