@@ -60,6 +60,10 @@ def test_errors_are_one_line_and_exit_non_zero(tmp_path):
     assert ("okvqa: missing OpenEnded_mscoco_val2014_questions.json, mscoco_val2014_annotations.json "
             f"(looked in {tmp_path}, {tmp_path}/Questions") in missing.stderr
 
+    unknown_setting = prep("dataset=okvqa", "frames=8")
+    assert unknown_setting.returncode != 0 and unknown_setting.stderr.strip().count("\n") == 0
+    assert "unknown setting 'frames'; allowed: dataset, src, out, split" in unknown_setting.stderr
+
 
 def test_bad_split_and_unknown_option_name_the_allowed_values(tmp_path):
     with pytest.raises(ConfigError, match="gqa: unknown split 'testdev'; allowed: train_balanced"):

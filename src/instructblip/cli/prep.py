@@ -12,16 +12,15 @@ on stderr and exit status 2.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
-import hydra
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING
 
-from instructblip.errors import InstructBlipError
+from instructblip.cli._common import fail, require, run_hydra_app
 
+PROG = "instructblip-prep"
+USAGE = f"{PROG} dataset=NAME src=DIR out=DIR [split=...] [shard_size=1000]; dataset=list prints the names"
 OPTION_KEYS = ("images", "videos", "num_frames", "variant", "ocr", "n", "seed")
 
 
@@ -41,23 +40,6 @@ class PrepConfig:
     ocr: Optional[bool] = None
     n: Optional[int] = None
     seed: Optional[int] = None
-
-
-ConfigStore.instance().store(name="prep_schema", node=PrepConfig)
-ConfigStore.instance().store(
-    name="prep",
-    node={
-        "defaults": ["prep_schema", {"override hydra/job_logging": "none"},
-                     {"override hydra/hydra_logging": "none"}, "_self_"],
-        # shards go where out= says; no Hydra output directory, no logs
-        "hydra": {"run": {"dir": "."}, "output_subdir": None},
-    },
-)
-
-
-def _fail(message: str) -> None:
-    print(f"instructblip-prep: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _category_rank(category: str) -> int:
@@ -98,35 +80,32 @@ def dataset_table() -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base=None, config_name="prep")
-def main(cfg: DictConfig) -> None:
-    if OmegaConf.is_missing(cfg, "dataset"):
-        _fail("dataset= is required; usage: instructblip-prep dataset=NAME src=DIR out=DIR [split=...] "
-              "[shard_size=1000]; dataset=list prints the names")
+def prep(cfg) -> None:
+    require(PROG, cfg, ("dataset",), USAGE)
     if cfg.dataset == "list":
         print(dataset_table())
         return
     if cfg.out is None:
-        _fail("out=DIR is required (where the shards go)")
+        fail(PROG, "out=DIR is required (where the shards go)")
     import data_prep
-
-    options = {key: cfg[key] for key in OPTION_KEYS if cfg[key] is not None}
-    try:
-        summary = data_prep.convert(
-            str(cfg.dataset),
-            cfg.src,
-            cfg.out,
-            split=None if cfg.split is None else str(cfg.split),
-            shard_size=int(cfg.shard_size),
-            progress=bool(cfg.progress),
-            **options,
-        )
-    except (InstructBlipError, OSError, ValueError, KeyError) as error:
-        _fail(str(error).strip("'\""))
     from data_prep.shards import summary_path
 
+    options = {key: cfg[key] for key in OPTION_KEYS if cfg[key] is not None}
+    summary = data_prep.convert(
+        str(cfg.dataset),
+        cfg.src,
+        cfg.out,
+        split=None if cfg.split is None else str(cfg.split),
+        shard_size=int(cfg.shard_size),
+        progress=bool(cfg.progress),
+        **options,
+    )
     print(summary.line())
     print(summary_path(cfg.out, summary.dataset, summary.split))
+
+
+def main() -> None:
+    run_hydra_app(PROG, PrepConfig, prep)
 
 
 if __name__ == "__main__":
