@@ -79,6 +79,7 @@ def run_in_process(monkeypatch, capsys, *overrides: str) -> tuple[int, str, str]
 
     monkeypatch.setattr(sys, "argv", ["instructblip-generate", *overrides])
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    capsys.readouterr()  # only what the command itself prints
     try:
         generate.main()
         code = 0

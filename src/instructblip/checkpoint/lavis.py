@@ -15,8 +15,9 @@ tokenizer changes (Vicuna: ``[PAD]`` added, bos = eos = unk = ``</s>``; T5: ``de
 ``save_hf`` / ``save_lavis`` write either layout.
 
 LayerNorm eps of ``ln_vision``: LAVIS uses torch's default 1e-5, transformers' ``post_layernorm`` 1e-6 (the hub
-conversion accepted the difference). ``load_lavis(ln_vision_eps=...)`` defaults to LAVIS's 1e-5 and records it as
-``vision_config.ln_vision_eps``; pass 1e-6 to reproduce transformers' numbers exactly.
+conversion accepted the difference). ``load_lavis_checkpoint`` (the model) uses LAVIS's 1e-5 unless
+``ln_vision_eps`` says otherwise (1e-6 reproduces transformers' numbers exactly); the Hugging Face layout
+(``save_hf``) has no place for a separate value, so an export runs with transformers' 1e-6.
 """
 
 from __future__ import annotations
@@ -359,8 +360,8 @@ def load_lavis(
     frozen_llm = {("llm_model." if llm_kind == "decoder_only" else "t5_model.") + k: v for k, v in
                   read_state_dict(llm_dir, "LLM weights").items()}
     state_dict = lavis_to_hf({**vision_tensors, **frozen_llm, **trainable})
+    _materialise_tied_head(state_dict, blip_config)
     _fit_llm_vocab(state_dict, blip_config, len(tokenizer), llm_kind, str(llm_dir))
-    blip_config.vision_config.ln_vision_eps = ln_vision_eps
 
     qformer = AutoTokenizer.from_pretrained(qformer_tokenizer) if qformer_tokenizer else default_qformer_tokenizer()
     size = blip_config.vision_config.image_size
@@ -374,6 +375,18 @@ def load_lavis(
     checkpoint = HFCheckpoint(blip_config, state_dict, processor, ln_vision_eps)
     check_against_config(checkpoint, source=str(path))
     return checkpoint
+
+
+def _materialise_tied_head(state_dict: dict[str, torch.Tensor], config) -> None:
+    """A tied LM head is not stored (transformers 5 ties every T5's; small LLaMAs tie too): give it its tensor, so
+    that every state dict here names the head, whichever file it came from."""
+    head = "language_model.lm_head.weight"
+    if head in state_dict or not getattr(config.text_config, "tie_word_embeddings", False):
+        return
+    for embedding in ("language_model.shared.weight", "language_model.model.embed_tokens.weight"):
+        if embedding in state_dict:
+            state_dict[head] = state_dict[embedding]
+            return
 
 
 def _fit_llm_vocab(state_dict, config, tokenizer_size: int, llm_kind: str, source: str) -> None:
@@ -499,9 +512,9 @@ def load_hf(path: str | Path) -> HFCheckpoint:
         raise CheckpointError(f"{root}/config.json: {_first_line(err)}") from err
     state_dict = read_state_dict(root, "Hugging Face weights")
     state_dict.pop("qformer.embeddings.position_ids", None)
+    _materialise_tied_head(state_dict, config)
     processor = InstructBlipProcessor.from_pretrained(root)
-    eps = getattr(config.vision_config, "ln_vision_eps", config.vision_config.layer_norm_eps)
-    checkpoint = HFCheckpoint(config, state_dict, processor, eps)
+    checkpoint = HFCheckpoint(config, state_dict, processor, config.vision_config.layer_norm_eps)
     check_against_config(checkpoint, source=str(root))
     return checkpoint
 

@@ -34,9 +34,9 @@ def full_errors() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
-def check_override_keys(prog: str, schema: type, arguments: list[str]) -> None:
+def check_override_keys(prog: str, schema, arguments: list[str]) -> None:
     """Every ``key=value`` must name a field of ``schema`` (``hydra.*`` and flags pass through to Hydra)."""
-    allowed = [f.name for f in fields(schema)]
+    allowed = list(schema) if isinstance(schema, dict) else [f.name for f in fields(schema)]
     for argument in arguments:
         if argument.startswith("-") or "=" not in argument:
             continue
@@ -47,8 +47,9 @@ def check_override_keys(prog: str, schema: type, arguments: list[str]) -> None:
             fail(prog, f"unknown setting {key!r}; allowed: {', '.join(allowed)}")
 
 
-def run_hydra_app(prog: str, schema: type, body: Callable) -> None:
-    """Run ``body(cfg)`` as a Hydra app whose config is ``schema`` (a dataclass) plus ``key=value`` overrides.
+def run_hydra_app(prog: str, schema, body: Callable) -> None:
+    """Run ``body(cfg)`` as a Hydra app whose config is ``schema`` (a dataclass, or a dict when a key is a Python
+    keyword such as ``from``) plus ``key=value`` overrides.
 
     The app writes nothing but its answer: no output directory, no log files, no Hydra logging.
     """
