@@ -121,3 +121,26 @@ def test_paper_model_is_guessed_from_checkpoint_names():
     assert guess_paper_model("/ckpt/instructblip-flan-t5-xl") == "flant5xl"
     assert guess_paper_model("instruct_vicuna7b.pth") == "vicuna7b"
     assert guess_paper_model("/tmp/tiny/llama") is None
+
+
+def test_shapesworld_held_out_datasets_run_through_the_same_runner(tmp_path, tiny_checkpoint):
+    from data_prep.shapesworld import convert
+    from instructblip.model.instructblip import InstructBlip
+
+    import instructblip.shapesworld.tasks  # noqa: F401  registers the ShapesWorld datasets
+
+    names = [name for name, info in registry.DATASETS.items() if info.world == "shapesworld" and info.held_out]
+    assert len(names) >= 6
+    for name in names:
+        convert(None, tmp_path / "shards", "test", 3, dataset=name, n=6, progress=False)
+    model = InstructBlip.from_pretrained(tiny_checkpoint).eval()
+    for name in names:
+        info = registry.get(name)
+        result = evaluate_benchmark(model, Benchmark(info, {"num_beams": 1, "max_new_tokens": 3}),
+                                    tmp_path / "shards", tmp_path / "out", batch_size=3, progress=False)
+        lines = load_predictions(tmp_path / "out" / "predictions" / f"{name}.jsonl")
+        assert result.n == len(lines) == 6 and 0.0 <= result.score <= 100.0, name
+        if info.task == "classification" and info.method == "rank":
+            # verbalisers from the record's candidates ([negative, positive]); the score's sign picks the side
+            assert all((line["score"] > 0) == (line["prediction"] in ("yes", "true")) for line in lines)
+            assert all(line["prediction"] in ("yes", "no", "true", "false") for line in lines)

@@ -352,6 +352,7 @@ def evaluate_benchmark(
     if dist.world_size > 1:
         _merge_parts(merged_path, sorted(prediction_dir.glob(f"{info.name}.rank*.jsonl")))
     main = scores.pop(info.metric)
+    scores = {name: value for name, value in scores.items() if not math.isnan(value)}  # e.g. NDCG without relevance
     if math.isnan(main):
         log.warning("%s: no sample was scored (empty split or every sample corrupt)", info.name)
     return BenchmarkResult(info.name, info.metric, info.eval_split, main, n, scores, skipped, str(merged_path))
