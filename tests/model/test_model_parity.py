@@ -76,8 +76,8 @@ def test_generated_ids_match(kind, num_beams, our_models, hf_models, images):
     else:  # and the decoder start token for T5
         expected = expected[:, 1:]
     assert actual.tolist() == expected.tolist()
-    texts = ours.generate(images, PROMPTS, **settings)
-    assert texts == ours.processor.decode(actual)
+    if num_beams == 1:  # the PIL-images-and-strings path gives the same tokens, decoded
+        assert ours.generate(images, PROMPTS, **settings) == ours.processor.decode(actual)
 
 
 def test_generation_defaults_are_lavis(our_models):
@@ -97,7 +97,7 @@ def test_nucleus_sampling_is_seeded_and_varies(our_models, images):
     torch.manual_seed(1)
     again = model.generate(images, PROMPTS, **settings)
     outputs = {tuple(first)}
-    for seed in range(2, 6):
+    for seed in range(2, 4):
         torch.manual_seed(seed)
         outputs.add(tuple(model.generate(images, PROMPTS, **settings)))
     assert first == again

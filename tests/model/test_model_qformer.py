@@ -109,15 +109,13 @@ def test_bert_size_mismatch_is_a_checkpoint_error():
 
 
 def test_without_instruction_has_no_text_branch_and_trains():
-    with torch.device("meta"):
-        full = InstructBlip(get_preset("instructblip-flant5xl"))
-        ablation = InstructBlip(get_preset("instructblip-flant5xl", instruction_aware=False))
-    names = {name for name, _ in ablation.named_parameters()}
+    torch.manual_seed(0)
+    model = InstructBlip(get_preset("tiny-t5", instruction_aware=False)).train()
+    full = InstructBlip(get_preset("tiny-t5"))
+    names = {name for name, _ in model.named_parameters()}
     assert not any(".text_ffn." in n or "word_embeddings" in n or "position_embeddings" in n for n in names)
     assert any(".text_ffn." in n for n, _ in full.named_parameters())
 
-    torch.manual_seed(0)
-    model = InstructBlip(get_preset("tiny-t5", instruction_aware=False)).train()
     pixels = torch.randn(2, 3, 28, 28)
     output = model(
         pixel_values=pixels,

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -338,9 +339,12 @@ def build_from_hf(
     processor=None,
     source: str = "checkpoint",
     device: str | torch.device | None = None,
+    ln_vision_eps: float | None = None,
     **overrides,
 ):
     """``InstructBlip`` from a transformers config dict + state dict with Hugging Face names (+ our processor).
+
+    ``ln_vision_eps`` replaces the eps transformers uses for ``post_layernorm`` (LAVIS' own ``ln_vision`` has 1e-5).
 
     The LLM is built by transformers' own ``from_pretrained`` (no random init, real rotary buffers); the rest on
     the meta device and filled with ``load_state_dict(assign=True)``.
@@ -358,6 +362,8 @@ def build_from_hf(
         config = config_from_hf(hf_config, source=f"{source}/config.json", **overrides)
     except ConfigError as err:
         raise CheckpointError(f"{source}: {err}") from err
+    if ln_vision_eps is not None:
+        config = replace(config, vision=replace(config.vision, ln_vision_eps=ln_vision_eps))
 
     ours = hf_to_ours(state, source=source)
     llm_state = {k[len("llm.hf_model."):]: v for k, v in ours.items() if k.startswith("llm.hf_model.")}

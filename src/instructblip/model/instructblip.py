@@ -328,8 +328,16 @@ class InstructBlip(nn.Module):
 
             lavis_names = ("vision", "llm", "model", "config", "qformer_tokenizer", "ln_vision_eps", "image_size")
             lavis_args = {k: overrides.pop(k) for k in lavis_names if k in overrides}
+            if "vision" not in lavis_args or "llm" not in lavis_args:
+                raise ConfigError(
+                    f"LAVIS checkpoint {path} holds only the trained parts: also give vision=<eva_vit_g.pth> and "
+                    "llm=<Hugging Face LLaMA/T5 directory> (and model=<released name> or config=<config.json>)"
+                )
             loaded = lavis.load_lavis(path, **lavis_args)
-            return hf.build_from_hf(loaded.config.to_dict(), loaded.state_dict, loaded.processor, str(path), **overrides)
+            return hf.build_from_hf(
+                loaded.config.to_dict(), loaded.state_dict, loaded.processor, str(path),
+                ln_vision_eps=loaded.ln_vision_eps, **overrides,
+            )
         if path.is_file():
             raise CheckpointError(
                 f"{path}: expected a Hugging Face InstructBLIP directory or a LAVIS .pth/.pt file"
