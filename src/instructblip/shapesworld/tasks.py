@@ -319,9 +319,12 @@ def build_dialog(rng, split, index):
     scene, image = _scene(rng)
     rounds = rng.randint(1, 2)
     history = []
-    for _ in range(rounds):
+    for _ in range(4 * rounds):   # a few tries for distinct earlier questions
         q, a = attribute_question(rng, scene) if rng.random() < 0.7 else count_question(rng, scene)
-        history.append({"question": q, "answer": a})
+        if all(turn["question"] != q for turn in history):
+            history.append({"question": q, "answer": a})
+        if len(history) == rounds:
+            break
     question, answer = attribute_question(rng, scene)
     candidates = _dialog_candidates(rng, answer)
     return (_record("shapesworld_dialog", split, index, scene, question=question, caption=world.caption(scene),

@@ -1,0 +1,129 @@
+"""Text-only pretraining of the tiny causal LM (a transformers LLaMA) on the world's text.
+
+The LLM of InstructBLIP arrives pretrained and stays frozen; in the miniature it is pretrained here, on the
+documents of :mod:`instructblip.shapesworld.text` laid out as ``<context> BOS <instruction> <answer> EOS`` (the
+scene text where the visual queries will later stand), plus plain ``<context> BOS <caption> EOS`` documents for the
+BLIP-2 stage-2 layout (queries, BOS, caption). The loss covers every token after the first, as in any causal LM
+pretraining. Output: a Hugging Face directory (``config.json``, safetensors, the tokenizer) that the InstructBLIP
+config's ``llm`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from instructblip.shapesworld import text as world_text
+from instructblip.shapesworld.tokenizer import train_tokenizer
+
+
+@dataclass
+class LanguageConfig:
+    out: str                      # directory written (Hugging Face layout)
+    documents: int = 20000        # text documents generated
+    tokenizer_vocab: int = 1024   # BPE target size (the world needs fewer; the trainer stops at what it finds)
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    layers: int = 4
+    heads: int = 4
+    max_length: int = 256
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 100
+    seed: int = 0
+
+
+class _Sequences(Dataset):
+    def __init__(self, rows: list[list[int]]):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def encode_documents(tokenizer, docs: list[world_text.Document], max_length: int) -> list[list[int]]:
+    """``context BOS instruction answer EOS`` as ids, each part tokenized alone (as the processor does)."""
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    rows = []
+    for doc in docs:
+        row = ids(doc.context) + [tokenizer.bos_token_id] + ids(doc.instruction) + ids(doc.answer)
+        rows.append((row + [tokenizer.eos_token_id])[-max_length:])
+    return rows
+
+
+class CausalLMPretraining(L.LightningModule):
+    def __init__(self, model, pad_id: int, lr: float, warmup: int, steps: int):
+        super().__init__()
+        self.model = model
+        self.pad_id, self.lr, self.warmup, self.steps = pad_id, lr, warmup, steps
+        self.losses: list[float] = []
+
+    def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        self.losses.append(float(loss.detach()))
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        from transformers import get_cosine_schedule_with_warmup
+
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=0.01)
+        schedule = get_cosine_schedule_with_warmup(optimizer, self.warmup, self.steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def pretrain_language(cfg: LanguageConfig, progress: bool = True) -> Path:
+    """Train the tokenizer, then the LM; write both to ``cfg.out``; returns that path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(cfg.out)
+    L.seed_everything(cfg.seed, verbose=False)
+    docs = world_text.documents(cfg.documents, cfg.seed)
+    rng = random.Random(cfg.seed)
+    # BLIP-2 stage 2 layout: scene, BOS, caption (no instruction)
+    captions = [d for d in docs if d.answer and d.instruction and d.context and rng.random() < 0.08]
+    docs = docs + [world_text.Document(d.context, "", d.answer) for d in captions]
+    tokenizer = train_tokenizer(world_text.tokenizer_corpus(docs), cfg.tokenizer_vocab)
+    rows = encode_documents(tokenizer, docs, cfg.max_length)
+    vocab = ((len(tokenizer) + 63) // 64) * 64
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+        max_position_embeddings=cfg.max_length + 64, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    module = CausalLMPretraining(model, tokenizer.pad_token_id, cfg.lr, cfg.warmup, cfg.steps)
+    loader = DataLoader(_Sequences(rows), batch_size=cfg.batch_size, shuffle=True, collate_fn=module.collate,
+                        drop_last=True)
+    trainer = L.Trainer(max_steps=cfg.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=progress, enable_model_summary=False, gradient_clip_val=1.0,
+                        max_epochs=-1)
+    trainer.fit(module, loader)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "losses.json").write_text(json.dumps(module.losses))
+    return out
