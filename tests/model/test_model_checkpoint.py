@@ -118,3 +118,26 @@ def test_unexpected_file_kind(tmp_path):
     path = tmp_path / "weights.safetensors"
     path.write_bytes(b"")
     assert "directory" in _one_line_error(path)
+
+
+def test_export_adds_an_image_token_row_when_the_vocabulary_lacks_one(tiny_dirs, images, tmp_path):
+    """A model whose LLM vocabulary ends before <image> (trained with a tokenizer that never had it) still exports
+    to a layout transformers runs: the exported embeddings grow, the logits over the old rows stay the same."""
+    from dataclasses import replace
+
+    from transformers import InstructBlipForConditionalGeneration
+
+    model = InstructBlip.from_pretrained(tiny_dirs["llama"])
+    model.llm.hf_model.resize_token_embeddings(401)  # rows for the 400 words + [PAD]; <image> is id 401
+    model.config = replace(model.config, image_token_id=None)
+    model.save_pretrained(tmp_path / "grown")
+    hf = InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "grown", attn_implementation="eager").eval()
+    assert hf.config.image_token_index == 401 and hf.config.text_config.vocab_size == 448
+    reloaded = InstructBlip.from_pretrained(tmp_path / "grown")
+    assert reloaded.config.image_token_id == 401
+    batch = model.processor.generation_batch(images, PROMPTS)
+    with torch.no_grad():
+        expected = model(**batch).logits
+        actual = hf(**to_transformers_batch(reloaded, batch)).logits[..., :401]
+        assert_relative_close(reloaded(**batch).logits[..., :401], expected)
+    assert_relative_close(actual, expected)

@@ -437,6 +437,26 @@ def _check_tokenizers(processor, model, source: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- writing
 
+_LLM_VOCAB_KEYS = ("language_model.model.embed_tokens.weight", "language_model.shared.weight", "language_model.lm_head.weight")
+
+
+def _make_room_for_image_token(state: dict[str, torch.Tensor], hf_config) -> None:
+    """transformers scatters the queries into ``<image>`` positions, so that id needs an embedding row: when the
+    LLM vocabulary ends before it (a model trained with a tokenizer that never had ``<image>``), the exported
+    embedding and output matrices grow, to a multiple of 64 as on the hub, with rows equal to the mean row."""
+    image_token_id = hf_config.image_token_index
+    rows = _embedding_rows(state, _LLM_VOCAB_KEYS)
+    if image_token_id is None or rows is None or image_token_id < rows[1]:
+        return
+    new_rows = (image_token_id + 1 + 63) // 64 * 64
+    for key in _LLM_VOCAB_KEYS:
+        if key in state:
+            weight = state[key]
+            mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)
+            state[key] = torch.cat([weight, mean.expand(new_rows - weight.shape[0], -1)])
+    hf_config.text_config.vocab_size = new_rows
+
+
 
 def save_hf_checkpoint(model, directory: str | Path, max_shard_size: int = 5 * 1024**3) -> None:
     """Write ``model`` in the layout ``transformers.InstructBlipForConditionalGeneration.from_pretrained`` loads."""
@@ -454,6 +474,7 @@ def save_hf_checkpoint(model, directory: str | Path, max_shard_size: int = 5 * 1
             continue
         seen.add(identity)
         unique[key] = tensor.detach().to("cpu").contiguous()
+    _make_room_for_image_token(unique, hf_config)
     shards, current, size = [], {}, 0
     for key, tensor in unique.items():
         nbytes = tensor.numel() * tensor.element_size()

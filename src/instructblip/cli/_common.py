@@ -126,10 +126,12 @@ def open_model(
     llm: str | None = None,
     base: str | None = None,
     device: str | None = None,
+    config: str | None = None,
 ):
     """``InstructBlip`` (processor attached) from whatever ``checkpoint`` is; see :func:`checkpoint_kind`.
 
-    LAVIS needs ``model`` (the released configuration), ``vision`` (EVA weights) and ``llm`` (HF LLM directory);
+    LAVIS needs ``model`` (the released configuration; or ``config``, a Hugging Face InstructBLIP config.json giving
+    other sizes), ``vision`` (EVA weights) and ``llm`` (HF LLM directory);
     trained weights need ``base``, the checkpoint the run started from (its ``model.pretrained``).
     """
     path = Path(checkpoint).expanduser()
@@ -141,13 +143,14 @@ def open_model(
     if kind == "hf":
         return InstructBlip.from_pretrained(path, **placement)
     if kind == "lavis":
-        missing = [name for name, value in (("model", model), ("vision", vision), ("llm", llm)) if not value]
+        named = model or config
+        missing = [name for name, value in (("model", named), ("vision", vision), ("llm", llm)) if not value]
         if missing:
             raise ConfigError(
                 f"checkpoint {path} is a LAVIS .pth: also give {', '.join(m + '=' for m in missing)} "
                 "(model=<released name>, vision=<eva_vit_g.pth>, llm=<Hugging Face LLM directory>)"
             )
-        return InstructBlip.from_pretrained(path, model=model, vision=vision, llm=llm, **placement)
+        return InstructBlip.from_pretrained(path, model=model, config=config, vision=vision, llm=llm, **placement)
     if not base:
         raise ConfigError(
             f"checkpoint {path} holds only the weights training changed; give base=<the checkpoint the run "

@@ -2,7 +2,8 @@
 image (or one video: ``image=[f0.jpg,f1.jpg,f2.jpg,f3.jpg]``); the answer is the LAST line of stdout.
 
 ``checkpoint`` is a Hugging Face InstructBLIP directory (also what this project exports), a LAVIS ``.pth`` (with
-``model=instructblip-vicuna7b vision=eva_vit_g.pth llm=vicuna-7b/``), or weights written by ``instructblip-train``
+``model=instructblip-vicuna7b vision=eva_vit_g.pth llm=vicuna-7b/``, or ``config=config.json`` instead of ``model=``
+for other sizes), or weights written by ``instructblip-train``
 (``.ckpt`` / ``trainable.safetensors``, with ``base=`` the checkpoint the run started from).
 
 Generation settings: ``num_beams max_new_tokens min_new_tokens do_sample top_p temperature repetition_penalty
@@ -46,6 +47,7 @@ class GenerateConfig:
     model: Optional[str] = None  # LAVIS .pth: the released configuration, e.g. instructblip-vicuna7b
     vision: Optional[str] = None  # LAVIS .pth: EVA ViT weights (eva_vit_g.pth or an open_clip/timm EVA file)
     llm: Optional[str] = None  # LAVIS .pth: the Hugging Face LLaMA/Vicuna or FlanT5 directory
+    config: Optional[str] = None  # LAVIS .pth of other sizes: a Hugging Face InstructBLIP config.json, not model=
     base: Optional[str] = None  # trained weights: the checkpoint the run started from
     device: Optional[str] = None  # cpu, cuda, cuda:1 ... (default: the model's placement policy)
     seed: int = 0
@@ -99,7 +101,7 @@ def generate(cfg) -> str:
     paths = list(cfg.image) if not isinstance(cfg.image, str) else [cfg.image]
     frames = [read_image(str(p)) for p in paths]
     visual = frames[0] if len(frames) == 1 else frames
-    model = open_model(cfg.checkpoint, cfg.model, cfg.vision, cfg.llm, cfg.base, cfg.device)
+    model = open_model(cfg.checkpoint, cfg.model, cfg.vision, cfg.llm, cfg.base, cfg.device, cfg.config)
     torch.manual_seed(cfg.seed)
     (answer,) = model.generate([visual], [cfg.prompt], **generation_settings(cfg))
     return answer

@@ -297,15 +297,17 @@ def evaluate_benchmark(
     merged_path = prediction_dir / f"{info.name}.jsonl"
     own_path = merged_path if dist.world_size == 1 else prediction_dir / f"{info.name}.rank{dist.rank}.jsonl"
 
-    # Resume: every id in any predictions file of this benchmark is done (a different world size may have
-    # written them). This rank's metric takes its own file's lines, and rank 0 also those of a merged file.
+    # Resume: every id in any predictions file of this benchmark is done, whatever world size wrote it. Each file
+    # has one owner, who scores its lines and alone may repair a cut last line: rank r its rank-r part, rank 0
+    # the merged file and the parts of ranks that no longer exist (an earlier run with more processes).
     done: set[str] = set()
     metric_lines: list[dict[str, Any]] = []
     for path in sorted({merged_path, *prediction_dir.glob(f"{info.name}.rank*.jsonl")}):
-        writer = path == own_path or (path == merged_path and dist.rank == 0)
-        lines = load_predictions(path, repair=writer)
+        part = _part_rank(path, info.name)
+        owner = part if part is not None and part < dist.world_size else 0
+        lines = load_predictions(path, repair=owner == dist.rank)
         done.update(str(line["id"]) for line in lines)
-        if writer:
+        if owner == dist.rank:
             metric_lines.extend(lines)
     dist.barrier()  # every rank has read the files before any rank appends
 
@@ -344,18 +346,34 @@ def evaluate_benchmark(
     bar.close()
 
     skipped = _sum_skips(pipeline.skip_counter.counts(), dist)
-    scores = {name: metric.compute().item() for name, metric in metrics.items()}  # syncs across ranks
+    scores = {name: _compute(metric, info.name) for name, metric in metrics.items()}  # syncs across ranks
     n = metrics[info.metric].count(metrics[info.metric].samples())
     dist.barrier()
     if dist.rank != 0:
         return None
-    if dist.world_size > 1:
-        _merge_parts(merged_path, sorted(prediction_dir.glob(f"{info.name}.rank*.jsonl")))
+    parts = sorted(prediction_dir.glob(f"{info.name}.rank*.jsonl"))
+    if parts:
+        _merge_parts(merged_path, parts)
     main = scores.pop(info.metric)
     scores = {name: value for name, value in scores.items() if not math.isnan(value)}  # e.g. NDCG without relevance
     if math.isnan(main):
         log.warning("%s: no sample was scored (empty split or every sample corrupt)", info.name)
     return BenchmarkResult(info.name, info.metric, info.eval_split, main, n, scores, skipped, str(merged_path))
+
+
+def _compute(metric, benchmark: str) -> float:
+    """The metric's score; NaN with a warning when the samples cannot be scored (AUC over one class)."""
+    try:
+        return metric.compute().item()
+    except ValueError as error:
+        log.warning("%s: %s cannot be computed: %s", benchmark, metric.name, error)
+        return math.nan
+
+
+def _part_rank(path: Path, name: str) -> int | None:
+    """k for a rank-k part ``{name}.rank{k}.jsonl``; None for the merged file."""
+    suffix = path.name[len(name) + len(".rank"):-len(".jsonl")]
+    return int(suffix) if path.name.startswith(f"{name}.rank") and suffix.isdigit() else None
 
 
 def _sum_skips(counts: dict[str, int], dist: Distributed) -> dict[str, int]:

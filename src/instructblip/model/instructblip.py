@@ -98,8 +98,12 @@ def _plain(value: Any) -> Any:
 
 @dataclass
 class InstructBlipOutput:
+    """``logits`` is None when ``forward(return_logits=False)``; ``per_sample_loss`` (each row's token-mean loss,
+    for the per-dataset training logs) is filled then."""
+
     loss: torch.Tensor | None
-    logits: torch.Tensor
+    logits: torch.Tensor | None
+    per_sample_loss: torch.Tensor | None = None
 
 
 class InstructBlip(nn.Module):
@@ -202,16 +206,31 @@ class InstructBlip(nn.Module):
         labels: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> InstructBlipOutput:
-        """Loss (token mean over the answer tokens and EOS) and logits (decoder-only: over ``[visual; text]``)."""
+        """Loss (token mean over the answer tokens and EOS) and logits (decoder-only: over ``[visual; text]``).
+
+        ``return_logits=False`` (training, with ``labels``): the loss and the per-row losses without the full logits
+        (the LM head runs on the labelled positions only, see ``LanguageModel.label_loss``); same loss.
+        """
         visual = self.encode_images(pixel_values, qformer_input_ids, qformer_attention_mask)
+        if not return_logits and labels is not None:
+            loss, per_sample = self.llm.label_loss(
+                visual,
+                input_ids.to(visual.device),
+                None if attention_mask is None else attention_mask.to(visual.device),
+                labels.to(visual.device),
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+            )
+            return InstructBlipOutput(loss=loss, logits=None, per_sample_loss=per_sample)
         logits, loss = self.llm(
             visual,
             input_ids.to(visual.device),
             None if attention_mask is None else attention_mask.to(visual.device),
             labels=None if labels is None else labels.to(visual.device),
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask,
+            decoder_input_ids=None if decoder_input_ids is None else decoder_input_ids.to(visual.device),
+            decoder_attention_mask=None if decoder_attention_mask is None else decoder_attention_mask.to(visual.device),
         )
         return InstructBlipOutput(loss=loss, logits=logits)
 

@@ -9,6 +9,12 @@ Layouts (Q = number of visual tokens, T*num_query_tokens for video):
   position ids from the attention mask's cumulative sum, so positions skip the pads.
 * encoder-decoder: encoder ``[Q visual] instruction </s> PAD...``; decoder input = labels shifted right from the
   decoder start token; loss = token-mean cross-entropy over labels != -100, in fp32.
+
+Training does not need the logits, only the loss: ``label_loss`` runs the decoder-only LM body and applies the LM
+head to the positions that carry a label (the answer tokens and EOS, a small fraction of ``[visual; text]``), so
+the vocabulary projection and the fp32 cross-entropy cost answer-length work instead of sequence-length work.
+Greedy decoding goes through the lean loop of ``decoding.py``; the other generation modes through transformers'
+``generate``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from instructblip.errors import ConfigError
+from instructblip.model import decoding
 
 DECODER_ONLY = "decoder_only"
 ENCODER_DECODER = "encoder_decoder"
@@ -68,6 +75,8 @@ class LanguageModel(nn.Module):
         self.text_config = text_config_from_dict(llm) if hf_model is None else hf_model.config
         self.kind = llm_kind(self.text_config)
         self.hf_model = hf_model if hf_model is not None else llm_class(self.text_config)._from_config(self.text_config)
+        # Options of the greedy loop (decoding.greedy): {"cache": "static", "compile": True} on a GPU.
+        self.decoding_options: dict = {}
 
     @property
     def hidden_size(self) -> int:
@@ -128,6 +137,47 @@ class LanguageModel(nn.Module):
         loss = token_mean_cross_entropy(logits, labels) if labels is not None else None
         return logits, loss
 
+    def label_loss(
+        self,
+        visual: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token-mean loss, per-row token-mean loss) without the full logits where the LM head allows it.
+
+        The same numbers as ``forward``'s loss (and a per-row mean for the per-dataset logs; 0 for a row without
+        labels). Decoder-only LMs whose head is a plain linear map get it applied only at the labelled positions;
+        the others (T5, heads with logit soft-capping or scaling) compute the full logits first.
+        """
+        if self.kind == DECODER_ONLY and self._plain_lm_head():
+            inputs_embeds, mask = self.embed_with_visual(visual, input_ids, attention_mask)
+            body = self.hf_model.base_model(inputs_embeds=inputs_embeds, attention_mask=mask, use_cache=False)
+            targets = torch.cat([labels.new_full(visual.shape[:2], -100), labels], dim=1)[:, 1:]
+            keep = targets != -100
+            logits = self.hf_model.get_output_embeddings()(body.last_hidden_state[:, :-1][keep])
+            token_losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+            rows = keep.nonzero(as_tuple=True)[0]
+        else:
+            logits, _ = self.forward(
+                visual, input_ids, attention_mask, labels, decoder_input_ids, decoder_attention_mask
+            )
+            targets = labels
+            if self.kind == DECODER_ONLY:
+                logits = logits[:, -labels.shape[1] - 1 : -1]
+            keep = targets != -100
+            token_losses = F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
+            rows = keep.nonzero(as_tuple=True)[0]
+        per_row = token_losses.new_zeros(labels.shape[0]).index_add(0, rows, token_losses)
+        return token_losses.mean(), per_row / keep.sum(dim=1).clamp_min(1)
+
+    def _plain_lm_head(self) -> bool:
+        """True when logits = output_embeddings(last hidden state), with no soft-capping or scaling after it."""
+        config = self.text_config
+        return all(getattr(config, name, None) in (None, 1.0) for name in ("final_logit_softcapping", "logit_scale"))
+
     @torch.no_grad()
     def generate(
         self,
@@ -148,10 +198,15 @@ class LanguageModel(nn.Module):
         inputs = {"inputs_embeds": inputs_embeds, "attention_mask": mask}
         if self.kind == DECODER_ONLY:
             prompt_length = 0
-            if visual_token_id is not None:
+            if visual_token_id is not None and visual_token_id < self.vocab_size:
                 visual_ids = input_ids.new_full(visual.shape[:2], visual_token_id)
                 inputs["input_ids"] = torch.cat([visual_ids, input_ids], dim=1)
                 prompt_length = inputs["input_ids"].shape[1]
+            if decoding.handles(self.hf_model, generate_kwargs):
+                return decoding.greedy(
+                    self.hf_model, inputs_embeds, mask, inputs.get("input_ids"), **generate_kwargs,
+                    **self.decoding_options,
+                )
             return self.hf_model.generate(**inputs, **generate_kwargs)[:, prompt_length:]
         return self.hf_model.generate(**inputs, **generate_kwargs)[:, 1:]
 

@@ -333,14 +333,14 @@ def load_bert_weights(
     """
     ours = qformer.state_dict()
     loaded: set[str] = set()
-    targets: list[tuple[dict, str, torch.Tensor, nn.Module]] = []
+    targets: list[tuple[str, torch.Tensor, nn.Module]] = []
     for bert_key, tensor in bert_state_dict.items():
         for name in _bert_to_qformer_names(bert_key):
             if name in ours:
-                targets.append((ours, name, tensor, qformer))
+                targets.append((name, tensor, qformer))
         if lm_head is not None and bert_key in _BERT_LM_HEAD_NAMES:
-            targets.append((lm_head.state_dict(), _BERT_LM_HEAD_NAMES[bert_key], tensor, lm_head))
-    for state, name, tensor, module in targets:
+            targets.append((_BERT_LM_HEAD_NAMES[bert_key], tensor, lm_head))
+    for name, tensor, module in targets:
         target = module.get_parameter(name)
         if name.endswith("word_embeddings.weight") or name.endswith("position_embeddings.weight") or (
             module is lm_head and name.startswith("decoder")

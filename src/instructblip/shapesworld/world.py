@@ -236,14 +236,14 @@ def relation(a: Shape, b: Shape) -> list[str]:
 
 
 def describe(scene: Scene) -> str:
-    """The detailed description: every shape with its size, colour, kind and cell, then the word."""
+    """The detailed description: the count, every shape with its size, colour, kind and cell, then the word."""
     ordered = sorted(scene.shapes, key=lambda s: s.cell)
-    parts = [f"there is a {s.name} at the {s.where}." for s in ordered]
-    if scene.word is not None:
-        parts.append(f"the word {scene.word.text} is written at the {scene.word.where}.")
     count = len(scene.shapes)
-    parts.insert(0, f"the image shows {NUMBER_WORDS[count]} shape{'s' if count > 1 else ''}.")
-    return " ".join(parts)
+    text = f"{NUMBER_WORDS[count]} shape{'s' if count > 1 else ''}: " + ", ".join(
+        f"a {s.name} at the {s.where}" for s in ordered) + "."
+    if scene.word is not None:
+        text += f" the word {scene.word.text} at the {scene.word.where}."
+    return text
 
 
 def caption(scene: Scene, rng: random.Random | None = None) -> str:

@@ -32,11 +32,15 @@ def load_model(
     if pretrained in (None, "", "???"):
         raise ConfigError(f"model.pretrained is not set for model {name!r}: give the checkpoint to start from")
     path = Path(str(pretrained)).expanduser()
-    if tiny is not None and not (path / "config.json").exists():
-        from instructblip.testing import make_tiny_checkpoint
+    if tiny is not None:
+        def write_tiny() -> None:
+            from instructblip.testing import make_tiny_checkpoint
 
-        tiny = dict(tiny)
-        make_tiny_checkpoint(path, tiny.pop("llm", "llama"), **tiny)
+            if not (path / "config.json").exists():
+                options = dict(tiny)
+                make_tiny_checkpoint(path, options.pop("llm", "llama"), **options)
+
+        rank_zero_first(write_tiny)
     if not path.exists():
         raise CheckpointError(f"model.pretrained={path} does not exist (model {name!r})")
     model = InstructBlip.from_pretrained(str(path), **dict(overrides or {}))
@@ -46,6 +50,19 @@ def load_model(
     if init_from:
         load_trainable_weights(model, init_from)
     return model
+
+
+def rank_zero_first(make) -> None:
+    """Run ``make`` on global rank 0 while the other ranks wait (files every rank then reads: the tiny checkpoint,
+    the generated shards); just run it outside a process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_rank() == 0:
+            make()
+        dist.barrier()
+    else:
+        make()
 
 
 def read_trainable_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -215,13 +215,13 @@ class InstructionCollate:
 class CaptionCollate:
     """Stage 1: images and caption text for the Q-Former's own tokenizer (no LLM)."""
 
-    def __init__(self, processor, seed: int, max_text_length: int = 32):
-        self.processor, self.seed, self.max_text_length = processor, seed, max_text_length
+    def __init__(self, processor, seed: int, max_text_length: int = 32, train: bool = True):
+        self.processor, self.seed, self.max_text_length, self.train = processor, seed, max_text_length, train
 
     def __call__(self, examples: list[dict]) -> dict:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(position_seed(self.seed, examples[0]["index"]))
-            pixel_values = self.processor.pixel_values([e["image"] for e in examples], train=True)
+            pixel_values = self.processor.pixel_values([e["image"] for e in examples], train=self.train)
         text = self.processor.qformer_tokenizer(
             [e["target"] for e in examples], padding="longest", truncation=True,
             max_length=self.max_text_length, return_token_type_ids=False, return_tensors="pt",
@@ -280,6 +280,7 @@ class InstructBlipDataModule(pl.LightningDataModule):
         val_batch_size: int | None = None,
         generate: dict | None = None,
         max_text_length: int = 32,
+        augment: bool = True,
     ):
         super().__init__()
         if examples not in EXAMPLE_BUILDERS:
@@ -297,6 +298,8 @@ class InstructBlipDataModule(pl.LightningDataModule):
         self.val_samples_per_dataset = int(val_samples_per_dataset)
         self.val_batch_size = int(val_batch_size or batch_size)
         self.generate, self.max_text_length = generate, max_text_length
+        # augment=False: no random crop/flip (ShapesWorld, whose answers name left/right and positions)
+        self.augment = bool(augment)
         self.batches_consumed = 0  # micro-batches of the global group already trained on (restored on resume)
         self.indexes: dict[str, ShardIndex] = {}
         self.val_indexes: dict[str, ShardIndex] = {}
@@ -319,9 +322,11 @@ class InstructBlipDataModule(pl.LightningDataModule):
         from instructblip.data.mixture import PAPER_ADJUSTMENTS, sampling_weights
         from instructblip.data.shards import SkipCounter
 
-        if self.generate:  # small and idempotent: every rank writes (or finds) the same files
+        if self.generate:  # rank 0 writes them (idempotent), then every rank finds them
+            from instructblip.train.build import rank_zero_first
             from instructblip.train.synthetic import write_generated_shards
 
+            rank_zero_first(lambda: write_generated_shards(**self.generate))
             globs = write_generated_shards(**self.generate)
             self.dataset_specs = self.dataset_specs or globs
             self.val_specs = self.val_specs or globs
@@ -374,8 +379,8 @@ class InstructBlipDataModule(pl.LightningDataModule):
         )
         sampler = GlobalBatchSampler(self.batch_size, rank, world_size, self.batches_consumed, remaining)
         collate = (
-            CaptionCollate(self.processor, self.seed, self.max_text_length) if self.collate == "caption"
-            else InstructionCollate(self.processor, self.seed, train=True)
+            CaptionCollate(self.processor, self.seed, self.max_text_length, train=self.augment)
+            if self.collate == "caption" else InstructionCollate(self.processor, self.seed, train=self.augment)
         )
         return DataLoader(
             samples, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,

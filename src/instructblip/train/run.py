@@ -2,7 +2,7 @@
 
 Everything is built with ``hydra.utils.instantiate`` from the config tree (model factory, LightningModule, DataModule,
 callbacks, loggers, trainer); nothing is chosen by if-chains. Resume: ``ckpt_path`` names a checkpoint, or
-``resume: auto`` picks ``<output_dir>/checkpoints/last.ckpt`` when it exists (a requeued or restarted job with the
+``resume: auto`` picks the newest ``<output_dir>/checkpoints/*.ckpt`` when there is one (a requeued or restarted job with the
 same output directory continues where it stopped).
 """
 
@@ -37,9 +37,11 @@ def resume_path(cfg: DictConfig) -> str | None:
             raise CheckpointError(f"ckpt_path={path} does not exist")
         return str(path)
     if cfg.get("resume", "auto") == "auto":
-        last = Path(str(cfg.paths.checkpoint_dir)) / "last.ckpt"
-        if last.exists():
-            return str(last)
+        # the newest complete checkpoint (files are renamed into place whole): last.ckpt, or a step=N.ckpt written
+        # just before a kill that came before last.ckpt was rewritten
+        found = sorted(Path(str(cfg.paths.checkpoint_dir)).glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+        if found:
+            return str(found[-1])
     return None
 
 

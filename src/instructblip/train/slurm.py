@@ -181,10 +181,16 @@ class PreemptionCheckpoint(Callback):
         self._previous_handler = signal.signal(self.signal, self._on_signal)
         self._installed = True
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def _restore_handler(self) -> None:
         if self._installed:
             signal.signal(self.signal, self._previous_handler if self._previous_handler is not None else signal.SIG_DFL)
             self._installed = False
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_handler()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_handler()  # Lightning skips the teardown hooks when the fit ends with an exception
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         # Every rank must take part in the save, but the signal may reach the ranks at different steps:
@@ -208,10 +214,12 @@ class PreemptionCheckpoint(Callback):
             self.signal.name, f" by SLURM job {job}" if job else "", path, trainer.global_step,
         )
         save_atomically(trainer, path)
-        for logger in trainer.loggers:  # W&B shows the run as preempted rather than crashed
-            run = getattr(logger, "_experiment", None)
-            if run is not None and hasattr(run, "mark_preempting"):
-                run.mark_preempting()
+        # Flush the loggers now: once the job is requeued, SLURM signals every process of the job, W&B's too.
+        from instructblip.train.wandb_logging import finish
+
+        for logger in trainer.loggers:
+            logger.save()
+        finish(trainer.loggers, exit_code=1, preempting=True)
         previous = self._previous_handler
         if callable(previous):
             # submitit's handler: re-pickles the Hydra job, requeues it (rank 0 only) and exits. On other ranks

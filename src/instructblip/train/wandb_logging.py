@@ -98,10 +98,7 @@ class InstructBlipWandbLogger(WandbLogger):
 
     def finalize(self, status: str) -> None:
         super().finalize(status)
-        if self._experiment is not None:
-            exit_code = 0 if status == "success" else 1
-            self._experiment.finish(exit_code=exit_code)
-            self._experiment = None
+        finish([self], exit_code=0 if status == "success" else 1)
 
 
 def wandb_logger(
@@ -123,6 +120,11 @@ def wandb_logger(
             f"logger.wandb.log_model={log_model!r} needs W&B online (mode is {mode}: no API key, or WANDB_MODE); "
             "set logger.wandb.log_model=false, or log in with `wandb login`"
         )
+    import wandb
+
+    if wandb.run is not None:  # left open by an earlier job of this process (a sequential multirun)
+        log.warning("finishing W&B run %s left open by an earlier job", wandb.run.id)
+        wandb.finish(exit_code=1)
     sweep_group, job_name = _hydra_job()
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     identifier = id or run_id(save_dir)
@@ -141,13 +143,24 @@ def wandb_logger(
     )
 
 
-def finish(loggers: list[Any], exit_code: int | None = None) -> None:
-    """Finish the W&B runs these loggers opened (the ``finally`` guard; a no-op when already finished)."""
+def finish(loggers: list[Any], exit_code: int | None = None, preempting: bool = False) -> None:
+    """Finish the W&B runs these loggers opened; a no-op for other loggers and for runs already finished.
+
+    It never raises: it runs while a job is ending (after an error, or on preemption while SLURM is already
+    signalling the job's processes, W&B's service process included), where an error here would replace the
+    job's real outcome. ``preempting`` marks the run as preempted first (the requeued job resumes it).
+    """
     for logger in loggers:
         run = getattr(logger, "_experiment", None)
-        if isinstance(logger, WandbLogger) and run is not None:
+        if not isinstance(logger, WandbLogger) or run is None:
+            continue
+        logger._experiment = None
+        try:
+            if preempting:
+                run.mark_preempting()
             run.finish(exit_code=exit_code)
-            logger._experiment = None
+        except Exception as error:  # noqa: BLE001 - see the docstring
+            log.warning("W&B run %s did not finish cleanly: %s", getattr(run, "id", "?"), error)
 
 
 class PredictionTable(Callback):
