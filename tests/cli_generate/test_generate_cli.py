@@ -166,3 +166,29 @@ def test_bad_input_through_the_console_script_has_no_traceback(image_file, tmp_p
         "instructblip-generate", f"checkpoint={tmp_path}", f"image={corrupt}", "prompt=hi", env={"HYDRA_FULL_ERROR": "1"}
     )
     assert full.returncode != 0 and "Traceback" in full.stderr
+
+
+def test_video_frames_and_generation_config_defaults(tiny_dirs, image_file, tmp_path, monkeypatch, capsys):
+    """``image=[f0,f1]`` is one video (frames in order); unset settings come from generation_config.json."""
+    import shutil
+
+    from PIL import Image
+
+    from instructblip.model.instructblip import InstructBlip
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_dirs["llama"], checkpoint)
+    config = json.loads((checkpoint / "generation_config.json").read_text())
+    config.update(num_beams=2, max_new_tokens=4, repetition_penalty=1.0)
+    (checkpoint / "generation_config.json").write_text(json.dumps(config))
+    second = tmp_path / "second.png"
+    Image.open(image_file).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(second)
+
+    code, out, err = run_in_process(
+        monkeypatch, capsys, f"checkpoint={checkpoint}", f"image=[{image_file},{second}]", "prompt=what happens?"
+    )
+    assert code == 0, err
+    model = InstructBlip.from_pretrained(checkpoint)
+    frames = [Image.open(image_file).convert("RGB"), Image.open(second).convert("RGB")]
+    expected = model.generate([frames], ["what happens?"], num_beams=2, max_new_tokens=4, repetition_penalty=1.0)
+    assert out.strip().splitlines()[-1] == expected[0]

@@ -131,3 +131,46 @@ def test_load_lavis_errors_name_the_problem(tiny_llama_dir, hf_llama, tmp_path):
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read LAVIS checkpoint"):
         lavis.load_lavis(tmp_path / "garbage.pth", parts["vision"], parts["llm"], config=tiny_llama_dir / "config.json")
+
+
+def test_full_size_released_key_set_maps_both_ways():
+    """The released vicuna-7b / flan-t5-xl geometry, on the meta device: every HF tensor has a LAVIS name and back,
+    and the trimmed part is LAVIS's trainable set (query tokens, ln_vision, Q-Former, projection)."""
+    from transformers import InstructBlipConfig, LlamaConfig, T5Config
+
+    for text_config, kind, projection in (
+        (LlamaConfig(vocab_size=32001, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32), "decoder_only", "llm_proj"),
+        (T5Config(vocab_size=32128, d_model=2048, d_ff=5120, num_layers=24, num_heads=32, tie_word_embeddings=False), "encoder_decoder", "t5_proj"),
+    ):
+        config = InstructBlipConfig(text_config=text_config.to_dict(), qformer_config={"vocab_size": 30523})
+        with torch.device("meta"):
+            state = InstructBlipForConditionalGeneration(config).state_dict()
+        mapped = lavis.hf_to_lavis(state, kind)
+        trimmed = [k for k in mapped if lavis.is_trainable_lavis_key(k)]
+        qformer_keys = [k for k in trimmed if k.startswith("Qformer.bert.")]
+        assert len(qformer_keys) == 328  # 6 x 32 (cross-attention layers) + 6 x 22 + 4 embeddings
+        assert {k for k in trimmed if not k.startswith("Qformer.bert.")} == {
+            "query_tokens", "ln_vision.weight", "ln_vision.bias", f"{projection}.weight", f"{projection}.bias"
+        }
+        assert sum(1 for k in mapped if k.endswith("attn.q_bias")) == 39
+        back = lavis.lavis_to_hf(mapped)
+        assert back.keys() == state.keys()
+        trainable = sum(mapped[k].numel() for k in trimmed)
+        assert 187e6 < trainable < 189e6  # the paper's "188M trainable parameters"
+
+
+def test_instructblip_from_lavis_pth_matches_hf_directory(tiny_llama_dir, hf_llama, tmp_path):
+    from instructblip.model.instructblip import InstructBlip
+
+    parts = lavis.save_lavis(hf_llama, tmp_path / "lavis")
+    common = dict(vision=parts["vision"], llm=parts["llm"], config=tiny_llama_dir / "config.json")
+    from_lavis = InstructBlip.from_pretrained(parts["model"], ln_vision_eps=1e-6, **common)
+    from_hf = InstructBlip.from_pretrained(tiny_llama_dir)
+    from PIL import Image
+
+    image = Image.new("RGB", (40, 30), (200, 30, 90))
+    batch = from_hf.processor.training_batch([image], ["what colour is it?"], ["magenta"])
+    with torch.no_grad():
+        assert torch.equal(from_lavis(**batch).logits, from_hf(**batch).logits)
+    assert from_lavis.vision.ln_vision.eps == 1e-6
+    assert InstructBlip.from_pretrained(parts["model"], **common).vision.ln_vision.eps == 1e-5  # LAVIS's own

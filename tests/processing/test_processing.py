@@ -101,6 +101,16 @@ def test_qformer_rows_are_cls_sep_left_truncated_at_128(vicuna, bert_tokenizer):
     assert len(bert_tokenizer) == 30523 and bert_tokenizer.convert_tokens_to_ids("[DEC]") == 30522
 
 
+def test_default_qformer_tokenizer_is_bert_base_uncased_plus_dec(bert_tokenizer):
+    from instructblip.processing import default_qformer_tokenizer
+
+    tokenizer = default_qformer_tokenizer()
+    assert len(tokenizer) == 30523 and tokenizer.bos_token == "[DEC]" and tokenizer.truncation_side == "left"
+    text = "What is unusual about this image?"
+    assert tokenizer(text)["input_ids"] == bert_tokenizer(text)["input_ids"]
+    assert tokenizer(text)["input_ids"][:2] == [101, 2054]  # [CLS] what
+
+
 # --------------------------------------------------------------------------------------------------- Vicuna rules
 
 
