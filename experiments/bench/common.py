@@ -3,17 +3,26 @@
 Both sides are built from one seeded ``transformers.InstructBlipForConditionalGeneration``: ours is loaded from its
 state dict through the project's Hugging Face loader, so any difference in the timings is implementation, not
 weights. Every benchmark checks the two agree before it times them.
+
+Timing (``time_sides``): every side is warmed up, then the sides take turns, repeat after repeat (the order flips
+every round), so a change of machine load hits all of them alike. Each call is measured twice: wall-clock time and
+the process's CPU time (``time.process_time``). On a shared CPU the benchmark process runs one intra-op thread
+(``setup_device``): its CPU time then barely moves with the load of other processes, while its wall time does; CPU
+ratios are computed from CPU time, GPU ratios from wall time (after ``torch.cuda.synchronize``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date
+from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
@@ -174,36 +183,107 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_seconds(fn, device: str, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
+def setup_device(device: str, threads: int | None) -> None:
+    """One intra-op thread on CPU by default (timings robust to other processes on a shared machine); TF32 off on
+    CUDA is left to torch's defaults. ``threads=0`` keeps torch's own choice."""
+    if device == "cpu" and threads != 0:
+        torch.set_num_threads(threads or 1)
+
+
+@dataclass
+class Timing:
+    """Median seconds per call (wall and process CPU time) and every sample, for the JSON."""
+
+    wall_s: float
+    cpu_s: float
+    wall_samples: list[float]
+    cpu_samples: list[float]
+
+    def primary(self, device: str) -> float:
+        """The time ratios are computed from: CPU time on a CPU, wall time on a GPU."""
+        return self.wall_s if device.startswith("cuda") else self.cpu_s
+
+    def as_dict(self) -> dict:
+        spread = lambda xs: (max(xs) - min(xs)) / statistics.median(xs) if xs else 0.0  # noqa: E731
+        return dict(
+            wall_s=self.wall_s, cpu_s=self.cpu_s, wall_spread=spread(self.wall_samples),
+            cpu_spread=spread(self.cpu_samples),
+        )
+
+
+def time_sides(sides: dict[str, Callable[[], object]], device: str, warmup: int, repeats: int) -> dict[str, Timing]:
+    """Warm every side up, then time them in turns (order reversed every other round); medians per side."""
+    for fn in sides.values():
+        for _ in range(warmup):
+            fn()
     sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    walls: dict[str, list[float]] = {name: [] for name in sides}
+    cpus: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
+    for round_index in range(repeats):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            sync(device)
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            sides[name]()
+            sync(device)
+            walls[name].append(time.perf_counter() - wall0)
+            cpus[name].append(time.process_time() - cpu0)
+    return {
+        name: Timing(statistics.median(walls[name]), statistics.median(cpus[name]), walls[name], cpus[name])
+        for name in names
+    }
+
+
+def median_seconds(fn, device: str, warmup: int, repeats: int) -> float:
+    """Median wall seconds of one callable (the data-loader benchmark's measure)."""
+    return time_sides({"fn": fn}, device, warmup, repeats)["fn"].wall_s
+
+
+def add_device_flags(parser) -> None:
+    """The flags every model benchmark shares."""
+    parser.add_argument("--size", default="cpu", choices=["tiny", "cpu", "released"])
+    parser.add_argument("--llm", default="llama", choices=["llama", "t5"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (0: torch's default)")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def environment(device: str) -> dict:
     import transformers
 
     env = dict(
-        date=date.today().isoformat(),
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        command=" ".join([_script_path(sys.argv[0]), *sys.argv[1:]]),
         python=platform.python_version(),
         torch=torch.__version__,
         transformers=transformers.__version__,
         device=device,
         threads=torch.get_num_threads(),
         machine=platform.machine(),
+        cpu=_cpu_model(),
+        cpu_count=os.cpu_count(),
+        load_average_1min=os.getloadavg()[0],
     )
     if device.startswith("cuda"):
         env["card"] = torch.cuda.get_device_name()
-    else:
-        env["cpu"] = platform.processor() or "unknown"
+        env["cuda"] = torch.version.cuda
     return env
+
+
+def _script_path(path: str) -> str:
+    """The script as invoked, relative to the repository root when inside it."""
+    here = Path(path).resolve()
+    root = Path(__file__).resolve().parents[2]
+    return str(here.relative_to(root)) if here.is_relative_to(root) else str(here)
 
 
 def emit(result: dict) -> None:
