@@ -84,7 +84,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt = resume_path(cfg)
     if ckpt:
         log.info("resuming from %s", ckpt)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    # weights_only=False: our own resume checkpoints carry the RNG states (numpy/python objects) next to the tensors
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     if trainer.is_global_zero:
         log.info("finished at step %d; %s", trainer.global_step,
