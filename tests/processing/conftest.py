@@ -73,6 +73,12 @@ def vicuna_tokenizer():
     return vicuna_style_tokenizer()
 
 
+@pytest.fixture()
+def fresh_vicuna_tokenizer():
+    """A new Vicuna-style tokenizer each time, for tests that break it."""
+    return vicuna_style_tokenizer()
+
+
 @pytest.fixture(scope="session")
 def t5_tokenizer():
     return t5_style_tokenizer()

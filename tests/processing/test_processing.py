@@ -119,13 +119,16 @@ def test_vicuna_rows_start_with_eos_as_bos(vicuna, vicuna_tokenizer):
     assert batch["input_ids"][0, 0].item() == 2 == vicuna_tokenizer.convert_tokens_to_ids("</s>")
 
 
-def test_tokenizer_prepending_a_different_bos_is_rejected(bert_tokenizer):
-    from conftest import vicuna_style_tokenizer
-
-    broken = vicuna_style_tokenizer()
+def test_tokenizer_prepending_a_different_bos_is_rejected(fresh_vicuna_tokenizer, bert_tokenizer):
+    broken = fresh_vicuna_tokenizer
     broken.add_bos_token = True
     broken.bos_token = "<s>"  # post-processor still prepends "</s>" (2): the two disagree
     with pytest.raises(ConfigError, match="bos_token is '<s>'"):
+        InstructBlipProcessor.from_parts(broken, bert_tokenizer)
+    broken.bos_token = "</s>"
+    broken.add_bos_token = False
+    broken.update_post_processor()  # now prepends nothing: a Vicuna prompt must start with "</s>"
+    with pytest.raises(ConfigError, match="prepends nothing"):
         InstructBlipProcessor.from_parts(broken, bert_tokenizer)
 
 
