@@ -80,21 +80,27 @@ def test_end_to_end_writes_predictions_results_and_wandb(full_run, fixture_datas
     assert list((full_run / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
-@pytest.mark.parametrize("name", ["gqa", "visdial"])
+@pytest.mark.parametrize("name, layout", [("gqa", "cut"), ("visdial", "cut"), ("gqa", "parts")])
 def test_resumed_run_gives_the_same_predictions(full_run, eval_shards, tiny_checkpoint, fixture_datasets, tmp_path,
-                                               name):
+                                               name, layout):
     from instructblip.model.instructblip import InstructBlip
 
     reference = (full_run / "predictions" / f"{name}.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "predictions").mkdir()
-    # killed after two batches, in the middle of writing the third line of the next one
-    partial = "".join(reference[: 2 * BATCH_SIZE]) + reference[2 * BATCH_SIZE][:25]
-    (tmp_path / "predictions" / f"{name}.jsonl").write_text(partial)
+    if layout == "cut":
+        # killed after two batches, in the middle of writing the first line of the next one
+        partial = "".join(reference[: 2 * BATCH_SIZE]) + reference[2 * BATCH_SIZE][:25]
+        (tmp_path / "predictions" / f"{name}.jsonl").write_text(partial)
+    else:
+        # a killed 2-process run left two parts (rank 1's cut mid-line); this single process finishes the job
+        (tmp_path / "predictions" / f"{name}.rank0.jsonl").write_text("".join(reference[:2]))
+        (tmp_path / "predictions" / f"{name}.rank1.jsonl").write_text(reference[3] + reference[4][:10])
     model = InstructBlip.from_pretrained(tiny_checkpoint).eval()
     result = evaluate_benchmark(model, Benchmark(registry.get(name), {"num_beams": 1, "max_new_tokens": 3,
                                                                       "min_new_tokens": 1}),
                                 eval_shards, tmp_path, batch_size=BATCH_SIZE, progress=False)
-    resumed = load_predictions(tmp_path / "predictions" / f"{name}.jsonl")
+    assert list((tmp_path / "predictions").glob("*.rank*.jsonl")) == []  # parts merged
+    resumed = sorted(load_predictions(tmp_path / "predictions" / f"{name}.jsonl"), key=lambda line: line["id"])
     expected = [json.loads(line) for line in reference]
     assert [line["id"] for line in resumed] == [line["id"] for line in expected]
     assert [line["prediction"] for line in resumed] == [line["prediction"] for line in expected]
