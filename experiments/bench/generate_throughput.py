@@ -1,8 +1,17 @@
 """Generation throughput: ours vs transformers' InstructBLIP generate(), same weights, same inputs.
 
-Greedy decoding of ``--new-tokens`` tokens (EOS disabled so every row produces them all) at each batch size, and
-beam search with ``--beams`` beams; the token ids of both sides are compared before timing. Prints one JSON object:
-new tokens per second for each side and the ratio.
+Greedy decoding of ``--new-tokens`` tokens (EOS suppressed through ``min_new_tokens`` so every row produces them
+all) at each batch size, and beam search with ``--beams`` beams. Ours decodes greedily with its lean loop
+(``instructblip.model.decoding``, dynamic KV cache) and hands beam search to transformers' generate; the token ids
+of both sides are compared before timing (``identical_token_ids``). Each timed call includes the image encoding
+(vision + Q-Former + projection) and the prompt prefill, as a user's generate call does.
+
+``--static`` (GPU): also times both sides with a static KV cache and a compiled decode step (transformers:
+``cache_implementation="static"``, which compiles its forward on CUDA; ours: ``decoding_options`` cache="static",
+compile=True).
+
+Prints one JSON object: new tokens per second of each side (from CPU time on a CPU, wall time on a GPU), median
+wall and CPU seconds per call, and the ratios.
 
     python experiments/bench/generate_throughput.py --size cpu --batch-sizes 1,8
     python experiments/bench/generate_throughput.py --size released --device cuda --batch-sizes 1,16,64 --static
@@ -17,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_pair, emit, environment, median_seconds, synthetic_batch  # noqa: E402
+from common import add_device_flags, build_pair, emit, environment, setup_device, synthetic_batch, time_sides  # noqa: E402
 
 
 def generation_inputs(pair, batch_size: int, prompt_len: int, device: str):
@@ -28,56 +37,73 @@ def generation_inputs(pair, batch_size: int, prompt_len: int, device: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="cpu", choices=["tiny", "cpu", "released"])
-    parser.add_argument("--llm", default="llama", choices=["llama", "t5"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_flags(parser)
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--prompt-len", type=int, default=64, help="LLM prompt incl. the visual tokens")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--beams", type=int, default=5)
+    parser.add_argument("--beams", type=int, default=5, help="0: skip beam search")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--static", action="store_true", help="also time transformers with a compiled static cache")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--static", action="store_true", help="also time static caches with compiled decode steps")
     args = parser.parse_args()
+    setup_device(args.device, args.threads)
 
     pair = build_pair(args.size, args.llm, args.device)
     pair.ours.eval()
     pair.theirs.eval()
+    modes = [("greedy", 1)] + ([("beam", args.beams)] if args.beams > 1 else [])
     rows = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         ours_batch, theirs_batch = generation_inputs(pair, batch_size, args.prompt_len, args.device)
-        for mode, beams in (("greedy", 1), ("beam", args.beams)):
+        for mode, beams in modes:
             # min_new_tokens = max_new_tokens: EOS is suppressed, every row produces exactly new_tokens tokens.
             settings = dict(
                 num_beams=beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                 repetition_penalty=1.0, length_penalty=1.0, do_sample=False,
             )
 
-            def ours():
+            def ours(options=None):
+                pair.ours.llm.decoding_options = options or {}
                 return pair.ours.generate_ids(ours_batch, **settings)
 
-            def theirs(model=pair.theirs, **extra):
+            def theirs(**extra):
                 with torch.no_grad():
-                    out = model.generate(**theirs_batch, **settings, **extra)
+                    out = pair.theirs.generate(**theirs_batch, **settings, **extra)
                 if pair.config.use_decoder_only_language_model:
-                    out = out[:, theirs_batch["input_ids"].shape[1]:]
-                else:
-                    out = out[:, 1:]
-                return out
+                    return out[:, theirs_batch["input_ids"].shape[1]:]
+                return out[:, 1:]
 
-            same_ids = torch.equal(ours().cpu(), theirs().cpu())
             sides = {"ours": ours, "transformers": theirs}
             if args.static and mode == "greedy":
-                sides["transformers_static_compiled"] = lambda: theirs(cache_implementation="static", compile_config=None)
-            row = dict(batch=batch_size, mode=mode, identical_token_ids=same_ids)
+                sides["ours_static_compiled"] = lambda: ours({"cache": "static", "compile": True})
+                sides["transformers_static_compiled"] = lambda: theirs(cache_implementation="static")
+            reference = theirs().cpu()
+            row = dict(batch=batch_size, mode=mode, beams=beams, sides={})
             for name, fn in sides.items():
-                seconds = median_seconds(fn, args.device, args.warmup, args.repeats)
-                row[f"{name}_tokens_per_s"] = batch_size * args.new_tokens / seconds
-            row["ours_vs_transformers"] = row["ours_tokens_per_s"] / row["transformers_tokens_per_s"]
+                if name.startswith("ours"):
+                    row[f"identical_token_ids_{name}"] = torch.equal(fn().cpu(), reference)
+            row["identical_token_ids"] = all(v for k, v in row.items() if k.startswith("identical_token_ids_"))
+            timings = time_sides(sides, args.device, args.warmup, args.repeats)
+            for name, timing in timings.items():
+                row["sides"][name] = dict(
+                    tokens_per_s=batch_size * args.new_tokens / timing.primary(args.device), **timing.as_dict()
+                )
+            speed = {name: side["tokens_per_s"] for name, side in row["sides"].items()}
+            row["ours_vs_transformers"] = speed["ours"] / speed["transformers"]
+            row["ours_vs_transformers_wall"] = timings["transformers"].wall_s / timings["ours"].wall_s
+            if "transformers_static_compiled" in speed:
+                row["ours_static_vs_transformers_static"] = (
+                    speed["ours_static_compiled"] / speed["transformers_static_compiled"]
+                )
             rows.append(row)
-            print(row, file=sys.stderr)
-    emit(dict(benchmark="generate_throughput", size=args.size, llm=args.llm, new_tokens=args.new_tokens,
-              environment=environment(args.device), rows=rows))
+            print(f"batch {batch_size} {mode}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in speed.items()),
+                  file=sys.stderr)
+    pair.ours.llm.decoding_options = {}
+    emit(dict(
+        benchmark="generate_throughput", size=args.size, llm=args.llm, new_tokens=args.new_tokens,
+        prompt_len=args.prompt_len, timing=f"warmup {args.warmup}, {args.repeats} interleaved repeats, medians",
+        environment=environment(args.device), rows=rows,
+    ))
 
 
 if __name__ == "__main__":

@@ -177,13 +177,10 @@ class InstructBlipModule(pl.LightningModule):
         return {k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS}
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(mean loss, per-sample loss or None) of one micro-batch."""
-        output = self.model(**self._model_inputs(batch))
-        with torch.no_grad():
-            per_sample = per_sample_loss(
-                output.logits.detach(), batch["labels"], self.processor.llm_kind == "decoder_only"
-            )
-        return output.loss, per_sample
+        """(mean loss, per-sample loss or None) of one micro-batch. The model skips the full logits (the LM head runs
+        on the labelled positions only) and returns the per-row losses itself."""
+        output = self.model(**self._model_inputs(batch), return_logits=False)
+        return output.loss, output.per_sample_loss.detach()
 
     def training_step(self, batch: dict, batch_idx: int):
         datamodule = self.trainer.datamodule
