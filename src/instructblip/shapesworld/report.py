@@ -1,0 +1,207 @@
+"""The demo's report: held-in and held-out tables, the paper's comparisons, chance levels, plots.
+
+Everything is read from what the run wrote (``eval/<model>/results.json``, the prediction files, the training
+logs, the shards), so the report states what was measured and nothing else.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+MODELS = {  # eval directory -> the name in the tables
+    "blip2": "BLIP-2 (stage 2, zero-shot)",
+    "instructblip": "InstructBLIP",
+    "no_instruction_aware": "InstructBLIP w/o instruction-aware Q-Former",
+    "proportional": "InstructBLIP w/o balanced sampling",
+}
+
+
+def _records(shards: Path, name: str, split: str):
+    from instructblip.data.shards import list_shards, read_shards
+
+    for example in read_shards(list_shards(str(shards / f"{name}-{split}-*.tar"))):
+        yield example.record
+
+
+def chance(shards: Path, name: str) -> tuple[float | None, str]:
+    """Chance level of a benchmark in its metric's units (percent), and how it was computed."""
+    from instructblip.data import registry
+
+    info = registry.get(name)
+    records = list(_records(shards, name, info.eval_split))
+    if not records:
+        return None, "no records"
+    if info.metric == "auroc":
+        return 50.0, "AUC of a constant or random score"
+    if info.metric == "mrr":
+        expected = sum(sum(1 / r for r in range(1, len(rec.candidates) + 1)) / len(rec.candidates)
+                       for rec in records) / len(records)
+        return 100 * expected, f"expected MRR of a random order over {len(records[0].candidates)} candidates"
+    if info.metric in ("accuracy", "vqa_accuracy"):
+        answers = Counter(rec.answers[0] for rec in records)
+        majority = 100 * answers.most_common(1)[0][1] / len(records)
+        if info.method == "rank":
+            options = [len(rec.choices or rec.candidates or []) or len(answers) for rec in records]
+            uniform = 100 * sum(1 / n for n in options) / len(options)
+            if uniform >= majority:
+                return uniform, "a random choice among the candidates"
+        return majority, f"always answering the most frequent answer ({answers.most_common(1)[0][0]!r})"
+    return None, "no chance level for a text-similarity metric"
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    points = []
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                value = row.get("train/loss") or row.get("train/loss_step")
+                if value:
+                    points.append((int(row.get("step") or len(points)), float(value)))
+    return points
+
+
+def _plot_losses(out: Path, curves: dict[str, list[tuple[int, float]]]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {k: v for k, v in curves.items() if v}
+    fig, axes = plt.subplots(1, max(1, len(curves)), figsize=(3.2 * max(1, len(curves)), 2.8))
+    axes = axes if hasattr(axes, "__len__") else [axes]
+    for ax, (name, points) in zip(axes, curves.items()):
+        ax.plot([p[0] for p in points], [p[1] for p in points], lw=1)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].set_ylabel("training loss", fontsize=8)
+    fig.tight_layout()
+    path = out / "losses.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_results(out: Path, names: list[str], results: dict[str, dict], chances: dict, title: str,
+                  filename: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in MODELS if m in results]
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names)), 3.2))
+    width = 0.8 / max(1, len(models))
+    for i, model in enumerate(models):
+        scores = [results[model].get(n, {}).get("score", 0.0) for n in names]
+        ax.bar([j + i * width for j in range(len(names))], scores, width, label=MODELS[model])
+    for j, name in enumerate(names):
+        if chances.get(name) is not None:
+            ax.hlines(chances[name], j - width / 2, j + width * (len(models) - 0.5), colors="k", linestyles="dotted")
+    ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(names))])
+    ax.set_xticklabels([n.removeprefix("shapesworld_") for n in names], fontsize=8, rotation=20)
+    ax.set_ylabel("score (%)", fontsize=8)
+    ax.set_title(title + " (dotted: chance)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / filename
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _table(names, results, chances, models) -> list[str]:
+    from instructblip.data import registry
+    from instructblip.shapesworld.tasks import TASKS
+
+    header = "| dataset | stands in for | metric | method | n | chance | " + " | ".join(MODELS[m] for m in models) + " |"
+    lines = [header, "|" + "---|" * (6 + len(models))]
+    for name in names:
+        info = registry.get(name)
+        n = next((results[m][name]["n"] for m in models if name in results[m]), 0)
+        c = chances.get(name)
+        cells = [f"{results[m][name]['score']:.1f}" if name in results[m] else "-" for m in models]
+        lines.append(f"| {name} | {TASKS[name].stands_in_for} | {info.metric} | {info.method} | {n} | "
+                     f"{'-' if c is None else f'{c:.1f}'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _average(results: dict, names: list[str], metric_filter=None) -> float | None:
+    scores = [results[n]["score"] for n in names if n in results and (metric_filter is None or metric_filter(n))]
+    return sum(scores) / len(scores) if scores else None
+
+
+def write_report(demo) -> Path:
+    from instructblip.data import registry
+    from instructblip.shapesworld import tasks
+
+    out = demo.out
+    held_in = [n for n in tasks.HELD_IN]
+    held_out = list(tasks.HELD_OUT)
+    results = {}
+    for key in MODELS:
+        path = out / "eval" / key / "results.json"
+        if path.exists():
+            results[key] = json.loads(path.read_text())
+    chances, chance_how = {}, {}
+    for name in held_in + held_out:
+        chances[name], chance_how[name] = chance(demo.shards, name)
+    models = [m for m in MODELS if m in results]
+    curves = {"vision (CLIP)": [], "LLM (text)": []}
+    for key, label in (("vision", "vision (CLIP)"), ("llm", "LLM (text)")):
+        path = out / key / "losses.json"
+        if path.exists():
+            curves[label] = list(enumerate(json.loads(path.read_text())))
+    for key in ("stage1", "stage2", "instruct", "instruct_no_instruction_aware", "instruct_proportional"):
+        curves[key] = _losses(out / key)
+    plots = [_plot_losses(out, curves)]
+    if models:
+        plots.append(_plot_results(out, held_in, results, chances, "held-in (val)", "held_in.png"))
+        plots.append(_plot_results(out, held_out, results, chances, "held-out (zero-shot, test)", "held_out.png"))
+
+    def accuracy_like(name):
+        return registry.get(name).metric in ("accuracy", "vqa_accuracy")
+
+    lines = ["# ShapesWorld: InstructBLIP in miniature", "",
+             "Every number below was measured by the run that wrote this file (`python -m instructblip.demo`).", ""]
+    lines += ["## Held-in datasets (their val split; trained on their train split)", ""]
+    lines += _table(held_in, results, chances, models)
+    lines += ["", "## Held-out datasets (zero-shot: never trained on; test split)", ""]
+    lines += _table(held_out, results, chances, models)
+    lines += ["", "Chance levels: " + "; ".join(f"{n.removeprefix('shapesworld_')}: {chance_how[n]}"
+                                                  for n in held_in + held_out if chances[n] is not None) + ".", ""]
+    summary = {}
+    for m in models:
+        summary[m] = {
+            "held_in_accuracy_average": _average(results[m], held_in, accuracy_like),
+            "held_out_average": _average(results[m], held_out),
+            "held_out_above_chance": {n: (results[m][n]["score"] - chances[n]) if n in results[m] and
+                                      chances[n] is not None else None for n in held_out},
+        }
+    lines += ["## The paper's comparisons, as measured here", ""]
+    lines += ["| model | held-in accuracy average (accuracy/VQA tasks) | held-out average | held-out tasks above chance |",
+              "|---|---|---|---|"]
+    for m in models:
+        above = [v for v in summary[m]["held_out_above_chance"].values() if v is not None]
+        hi, ho = summary[m]["held_in_accuracy_average"], summary[m]["held_out_average"]
+        lines.append(f"| {MODELS[m]} | {'-' if hi is None else f'{hi:.1f}'} | {'-' if ho is None else f'{ho:.1f}'} "
+                     f"| {sum(v > 0 for v in above)}/{len(above)} |")
+    if "no_instruction_aware" not in results or "proportional" not in results:
+        lines += ["", "The two ablations (instruction-aware Q-Former off, proportional sampling) run with "
+                  "`make demo-ablations`."]
+    lines += ["", "## Stages", "", "| stage | wall time (s) |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in demo.timings.items()]
+    if demo.skipped:
+        lines += ["", f"Skipped (outputs from an earlier invocation): {', '.join(demo.skipped)}."]
+    lines += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in plots), ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    (out / "report.json").write_text(json.dumps({
+        "results": results, "chance": chances, "chance_how": chance_how, "summary": summary,
+        "timings_s": demo.timings, "skipped_stages": demo.skipped, "settings": demo.s.__dict__,
+        "plots": [p.name for p in plots],
+    }, indent=1, default=str))
+    return report

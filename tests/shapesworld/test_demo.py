@@ -1,0 +1,61 @@
+"""The shortened demo (small world, a few steps per stage) end to end: every stage, the report, the plots, and
+the final checkpoint answering through instructblip-generate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    subprocess.run([sys.executable, "-m", "instructblip.demo", "quick=true", f"out={out}", "progress=false"],
+                   cwd=REPO, check=True, timeout=900)
+    return out
+
+
+@pytest.mark.slow
+def test_every_stage_writes_its_output_and_the_report(demo_dir):
+    for path in ("vision/trunk.safetensors", "llm/config.json", "llm/tokenizer.json", "base/config.json",
+                 "stage1/trainable.safetensors", "stage2/trainable.safetensors", "instruct/hf/config.json",
+                 "report.md", "report.json", "losses.png", "held_in.png", "held_out.png"):
+        assert (demo_dir / path).exists(), path
+    report = json.loads((demo_dir / "report.json").read_text())
+    from instructblip.shapesworld import tasks
+
+    for model in ("blip2", "instructblip"):
+        assert set(report["results"][model]) == set(tasks.TASKS)
+        for name, result in report["results"][model].items():
+            assert 0.0 <= result["score"] <= 100.0 and result["n"] == 8, (model, name)
+    for name in tasks.HELD_OUT:
+        assert report["chance"][name] is not None and 0 < report["chance"][name] < 100
+    text = (demo_dir / "report.md").read_text()
+    assert "Held-out datasets" in text and "BLIP-2 (stage 2, zero-shot)" in text
+
+
+@pytest.mark.slow
+def test_a_second_run_skips_every_stage(demo_dir):
+    result = subprocess.run([sys.executable, "-m", "instructblip.demo", "quick=true", f"out={demo_dir}",
+                             "progress=false"], cwd=REPO, check=True, timeout=300, capture_output=True, text=True)
+    for stage in ("data", "vision", "llm", "base", "stage1", "stage2", "instruct", "eval blip2", "eval instructblip"):
+        assert f"[demo] {stage}: output exists, skipped" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_final_checkpoint_answers_through_instructblip_generate(demo_dir, tmp_path):
+    from instructblip.shapesworld import tasks
+
+    _, image, _ = tasks.build("shapesworld_vqa", "val", 0, seed=0)
+    image.save(tmp_path / "scene.png")
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "instructblip-generate"), f"checkpoint={demo_dir / 'instruct' / 'hf'}",
+         f"image={tmp_path / 'scene.png'}", "prompt=what color is the circle?", "max_new_tokens=4", "num_beams=1"],
+        cwd=REPO, check=True, timeout=300, capture_output=True, text=True)
+    assert result.stdout.strip(), result.stderr
