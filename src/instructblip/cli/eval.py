@@ -97,9 +97,10 @@ def evaluate(cfg) -> Path | None:
         print(markdown.read_text(), end="")
         return as_json
     finally:
-        from instructblip.train.wandb_logging import finish
+        if loggers:
+            from instructblip.train.wandb_logging import finish
 
-        finish(loggers)
+            finish(loggers)  # sequential runs in one process must not share a W&B run
         if dist.active:
             torch.distributed.destroy_process_group()
 
