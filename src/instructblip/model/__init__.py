@@ -5,6 +5,7 @@ configurations and tiny ones for tests)."""
 
 from instructblip.model.instructblip import GENERATION_DEFAULTS, InstructBlip, InstructBlipConfig, InstructBlipOutput
 from instructblip.model.language import LanguageModel
+from instructblip.model.presets import PRESETS, get_preset
 from instructblip.model.qformer import QFormer, QFormerConfig, QFormerLMHead, load_bert_weights
 from instructblip.model.vision import VisionConfig, VisionEncoder
 
@@ -14,10 +15,12 @@ __all__ = [
     "InstructBlipConfig",
     "InstructBlipOutput",
     "LanguageModel",
+    "PRESETS",
     "QFormer",
     "QFormerConfig",
     "QFormerLMHead",
     "VisionConfig",
     "VisionEncoder",
+    "get_preset",
     "load_bert_weights",
 ]
