@@ -141,3 +141,30 @@ def test_export_adds_an_image_token_row_when_the_vocabulary_lacks_one(tiny_dirs,
         actual = hf(**to_transformers_batch(reloaded, batch)).logits[..., :401]
         assert_relative_close(reloaded(**batch).logits[..., :401], expected)
     assert_relative_close(actual, expected)
+
+
+def test_hub_vicuna_config_reads_with_transformers_defaults():
+    """The released config.json lists only what differs from the defaults (vision: just model_type)."""
+    from instructblip.checkpoint.hf import config_from_hf
+
+    hub = {
+        "architectures": ["InstructBlipForConditionalGeneration"],
+        "image_token_index": 32001,
+        "num_query_tokens": 32,
+        "model_type": "instructblip",
+        "qformer_config": {"model_type": "instructblip_qformer", "vocab_size": 30523},
+        "vision_config": {"model_type": "instructblip_vision_model"},
+        "text_config": {
+            "architectures": ["LLaMAForCausalLM"], "model_type": "llama", "bos_token_id": 0, "eos_token_id": 1,
+            "pad_token_id": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "rms_norm_eps": 1e-6, "vocab_size": 32064, "tie_word_embeddings": False,
+        },
+    }
+    config = config_from_hf(hub)
+    vision, qformer = config.vision, config.qformer
+    assert (vision.width, vision.layers, vision.heads, vision.mlp_dim, vision.image_size) == (1408, 39, 16, 6144, 224)
+    assert vision.layer_norm_eps == vision.ln_vision_eps == 1e-6
+    assert (qformer.hidden_size, qformer.num_layers, qformer.cross_attention_frequency) == (768, 12, 2)
+    assert qformer.vocab_size == 30523 and qformer.encoder_hidden_size == 1408 and qformer.layer_norm_eps == 1e-12
+    assert config.llm["vocab_size"] == 32064 and config.llm["pad_token_id"] == 32000
+    assert config.image_token_id == 32001 and config.num_query_tokens == 32
