@@ -122,3 +122,61 @@ def test_loop_handles_only_what_it_reproduces(our_models):
     assert not decoding.handles(hf_model, {**greedy, "do_sample": True})
     assert not decoding.handles(hf_model, {**greedy, "num_return_sequences": 2})
     assert not decoding.handles(hf_model, {**greedy, "no_repeat_ngram_size": 2})
+
+
+# ---------------------------------------------------------------------------------------------- length grouping
+def _bimodal_lengths(n=512, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    return [rng.choice([rng.randint(35, 50), rng.randint(150, 300)]) if rng.random() < 0.2 else rng.randint(35, 50)
+            for _ in range(n)]
+
+
+def test_length_grouped_batches_cover_every_sample_once_with_less_padding():
+    from instructblip.data.length_grouping import length_grouped_batches, padding_stats
+
+    lengths = _bimodal_lengths()
+    grouped = length_grouped_batches(lengths, batch_size=8, window=128, seed=3)
+    assert sorted(i for batch in grouped for i in batch) == list(range(len(lengths)))
+    assert all(len(batch) == 8 for batch in grouped)
+    for k, batch in enumerate(grouped):  # a batch never mixes windows
+        assert {i // 128 for i in batch} == {k // 16}
+    assert grouped == length_grouped_batches(lengths, batch_size=8, window=128, seed=3)
+    plain = [list(range(i, i + 8)) for i in range(0, len(lengths), 8)]
+    before = padding_stats(lengths, plain)["padding_per_useful_token"]
+    after = padding_stats(lengths, grouped)["padding_per_useful_token"]
+    assert after < before / 4
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        length_grouped_batches(lengths, batch_size=8, window=100)
+
+
+def test_packing_respects_the_capacity():
+    from instructblip.data.length_grouping import pack_first_fit, padding_stats
+
+    lengths = _bimodal_lengths()
+    rows = pack_first_fit(lengths, capacity=300)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 300 for row in rows)
+    assert padding_stats(lengths, rows, row_capacity=300)["padding_tokens"] == 300 * len(rows) - sum(lengths)
+
+
+def test_length_grouped_sampler_keeps_the_global_layout_ranks_and_resume():
+    from instructblip.data.length_grouping import LengthGroupedBatchSampler
+    from instructblip.train.data import GlobalBatchSampler
+
+    lengths = _bimodal_lengths(2048)
+
+    def sampler(rank, world, start, num, cls=LengthGroupedBatchSampler):
+        extra = dict(length_of=lengths.__getitem__, window_batches=4) if cls is LengthGroupedBatchSampler else {}
+        return list(cls(4, rank, world, start, num, **extra))
+
+    two_ranks = [sampler(rank, 2, 0, 12) for rank in range(2)]
+    plain = [sampler(rank, 2, 0, 12, GlobalBatchSampler) for rank in range(2)]
+    for window in range(3):  # per window of 4 global batches: the same samples as the plain layout, regrouped
+        span = slice(4 * window, 4 * window + 4)
+        grouped_ids = sorted(i for rank in range(2) for batch in two_ranks[rank][span] for i in batch)
+        plain_ids = sorted(i for rank in range(2) for batch in plain[rank][span] for i in batch)
+        assert grouped_ids == plain_ids
+    assert two_ranks != plain
+    assert sampler(1, 2, 5, 7) == two_ranks[1][5:]  # resuming mid-window yields the rest unchanged

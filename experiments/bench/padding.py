@@ -1,0 +1,108 @@
+"""Padding per useful token in the instruction-tuning mixture: random batches vs length-grouped batches vs packing.
+
+The LLM input of a sample is ``[32 visual] BOS instruction answer EOS``. Samples are drawn from the 13 held-in
+datasets with the paper's sampling weights (sqrt of the training-set size, A-OKVQA x0.5, OK-VQA x2:
+``instructblip.data.mixture.sampling_weights``); each dataset's instruction and answer lengths (LLaMA tokens) come
+from the length model below, the public sizes and typical lengths of each dataset (shards are not needed). Prints
+one JSON object with tokens of padding per useful token for each batching (``instructblip.data.length_grouping``).
+
+    python experiments/bench/padding.py --batch-sizes 8,16,32 --samples 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+from datetime import datetime, timezone
+
+from instructblip.data.length_grouping import length_grouped_batches, pack_first_fit, padding_stats
+from instructblip.data.mixture import PAPER_ADJUSTMENTS, sampling_weights
+
+VISUAL_TOKENS = 32
+MAX_TEXT_TOKENS = 256 + 128  # the processor's answer and instruction caps (LAVIS max_output_txt_len, max_txt_len)
+
+# name: (training samples, instruction tokens (median, spread), answer tokens incl. EOS (median, spread)).
+# Sizes are the public training splits as the converters count them (captions per image for COCO; Web CapFilt
+# as the 14M-image BLIP pre-training subset; LLaVA subsets as first human/gpt pair, as LAVIS uses them).
+# Lengths: LLaMA tokens, about 1.3 per English word; log-normal with the given median and log-spread.
+LENGTH_MODEL = {
+    "coco_caption": (566_747, (14, 0.15), (14, 0.25)),
+    "web_capfilt": (14_000_000, (14, 0.15), (12, 0.35)),
+    "textcaps": (109_765, (14, 0.15), (17, 0.35)),
+    "vqav2": (443_757, (16, 0.25), (2, 0.4)),
+    "okvqa": (9_009, (18, 0.25), (2, 0.4)),
+    "aokvqa": (17_056, (18, 0.25), (2, 0.4)),
+    "ocr_vqa": (801_673, (18, 0.2), (5, 0.5)),
+    "vqav2_qg": (443_757, (20, 0.2), (10, 0.3)),
+    "okvqa_qg": (9_009, (20, 0.2), (12, 0.3)),
+    "aokvqa_qg": (17_056, (20, 0.2), (12, 0.3)),
+    "llava_conversation": (56_681, (22, 0.35), (75, 0.55)),
+    "llava_detail": (23_240, (18, 0.2), (140, 0.3)),
+    "llava_complex_reasoning": (76_643, (28, 0.3), (150, 0.35)),
+}
+
+
+def draw_lengths(samples: int, seed: int) -> tuple[list[int], dict[str, float]]:
+    sizes = {name: size for name, (size, _, _) in LENGTH_MODEL.items()}
+    weights = sampling_weights(sizes, strategy="sqrt", adjustments=PAPER_ADJUSTMENTS)
+    names = sorted(weights)
+    rng = random.Random(seed)
+    lengths = []
+    for name in rng.choices(names, weights=[weights[n] for n in names], k=samples):
+        _, (inst_median, inst_spread), (ans_median, ans_spread) = LENGTH_MODEL[name]
+        instruction = max(3, round(inst_median * math.exp(rng.gauss(0.0, inst_spread))))
+        answer = max(2, round(ans_median * math.exp(rng.gauss(0.0, ans_spread))))
+        lengths.append(VISUAL_TOKENS + 1 + min(instruction + answer, MAX_TEXT_TOKENS))
+    return lengths, weights
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", default="8,16,32")
+    parser.add_argument("--samples", type=int, default=65536)
+    parser.add_argument("--window-batches", type=int, default=64, help="length grouping window, in batches")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    lengths, weights = draw_lengths(args.samples, args.seed)
+    capacity = max(lengths)
+    rows = []
+    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        usable = len(lengths) - len(lengths) % batch_size
+        random_batches = [list(range(i, i + batch_size)) for i in range(0, usable, batch_size)]
+        window = args.window_batches * batch_size
+        grouped = length_grouped_batches(lengths[: usable - usable % window], batch_size, window, args.seed)
+        packed = pack_first_fit(lengths[:usable], capacity)
+        row = dict(
+            batch=batch_size,
+            random=padding_stats(lengths, random_batches),
+            length_grouped=padding_stats(lengths, grouped),
+            packed=dict(**padding_stats(lengths, packed, row_capacity=capacity), row_capacity=capacity),
+        )
+        row["padding_reduction_grouped"] = (
+            row["random"]["padding_per_useful_token"] / max(row["length_grouped"]["padding_per_useful_token"], 1e-12)
+        )
+        row["padding_reduction_packed"] = (
+            row["random"]["padding_per_useful_token"] / max(row["packed"]["padding_per_useful_token"], 1e-12)
+        )
+        rows.append(row)
+        print(f"batch {batch_size}: padding per useful token random "
+              f"{row['random']['padding_per_useful_token']:.3f}, grouped "
+              f"{row['length_grouped']['padding_per_useful_token']:.3f}, packed "
+              f"{row['packed']['padding_per_useful_token']:.3f}", file=sys.stderr)
+    mean = sum(lengths) / len(lengths)
+    json.dump(dict(
+        benchmark="padding", samples=len(lengths), window_batches=args.window_batches,
+        mean_useful_tokens_per_sample=mean, max_tokens=capacity,
+        share_of_long_samples=sum(w for n, w in weights.items() if n.startswith("llava")),
+        sampling_weights=weights, date=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        command=" ".join(["experiments/bench/padding.py", *sys.argv[1:]]), rows=rows,
+    ), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
