@@ -14,7 +14,7 @@ Public pieces:
   including skips after the last sample of a stream (which a "counts in the batch" scheme would lose). Under DDP
   every rank has its own counter; the training module sums them across ranks when it logs. Each reason's first
   few occurrences are also logged as warnings naming the shard and sample.
-* :func:`decode_example` / :class:`ExampleDecoder` -- raw tar sample dict -> :class:`Example`, or None (skipped).
+* :class:`ExampleDecoder` -- raw tar sample dict -> :class:`Example`, or None (skipped).
 
 Skip reasons: ``unreadable_shard`` (cannot open), ``truncated_tar`` (the tar ends inside a member/header; counted once
 per shard, the samples after the cut are not known and not counted), ``bad_tar`` (other tar structure errors, e.g.
@@ -230,11 +230,6 @@ class ExampleDecoder:
         """Pipeline stage that keeps the None of a skipped sample in the stream (for callers that watch it)."""
         for sample in samples:
             yield self(sample)
-
-
-def decode_example(sample: dict[str, Any], counter: SkipCounter, require_target: bool = False) -> Example | None:
-    """Functional form of :class:`ExampleDecoder`."""
-    return ExampleDecoder(counter, require_target)(sample)
 
 
 def _image_members(sample: dict[str, Any], record: Record) -> list[str] | str:
