@@ -14,7 +14,7 @@ from instructblip.train.validate import CONF_DIR
 pytestmark = [
     pytest.mark.slurm,
     # the presets keep the plugin's names, so Hydra matches them with its schemas (see instructblip.train.slurm)
-    pytest.mark.filterwarnings("ignore:.*is validated against ConfigStore schema:UserWarning"),
+    pytest.mark.filterwarnings("ignore:(?s).*is validated against ConfigStore schema:UserWarning"),
 ]
 
 

@@ -173,7 +173,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.start, self.num_batches = start, num_batches
 
     def __len__(self) -> int:
-        return self.num_batches
+        # The whole epoch, the batches already consumed included: on a mid-epoch resume Lightning counts the
+        # restored progress as already fetched, so a shorter length ends the epoch early and the next epoch
+        # would replay the data from ``start``.
+        return self.start + self.num_batches
 
     def __iter__(self):
         global_batch = self.batch_size * self.world_size

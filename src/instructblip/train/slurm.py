@@ -173,6 +173,9 @@ class PreemptionCheckpoint(Callback):
             environment = trainer._accelerator_connector.cluster_environment
         if isinstance(environment, SLURMEnvironment):
             environment.auto_requeue = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Installed here, after Lightning saved the process's handlers (it restores them when the fit ends).
         if threading.current_thread() is not threading.main_thread():
             log.warning("preemption: trainer.fit is not on the main thread, cannot handle %s", self.signal.name)
             return
