@@ -78,14 +78,19 @@ def validation_schedule(cfg: DictConfig) -> dict:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the stage; returns the last logged metrics (floats) for sweepers."""
+    from instructblip.train.wandb_logging import finish
+
     module, datamodule, trainer = build(cfg)
-    for lg in trainer.loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    ckpt = resume_path(cfg)
-    if ckpt:
-        log.info("resuming from %s", ckpt)
-    # weights_only=False: our own resume checkpoints carry the RNG states (numpy/python objects) next to the tensors
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
+    try:
+        for lg in trainer.loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        ckpt = resume_path(cfg)
+        if ckpt:
+            log.info("resuming from %s", ckpt)
+        # weights_only=False: our own resume checkpoints carry the RNG states (numpy/python objects) next to the tensors
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
+    finally:  # each job closes its W&B run, whatever happened (the jobs of a local multirun share one process)
+        finish(trainer.loggers)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     if trainer.is_global_zero:
         log.info("finished at step %d; %s", trainer.global_step,
