@@ -203,17 +203,21 @@ class InstructBlipModule(pl.LightningModule):
         return loss
 
     def _log_counts(self) -> None:
-        """Samples seen and skipped (per reason), summed over ranks; only on logging steps (it syncs)."""
+        """Samples seen and skipped (per reason), summed over ranks; only on logging steps (it syncs). Every rank
+        logs the same keys (all mixture datasets, all skip reasons) so that the collective calls line up."""
         world = self.trainer.world_size
-        for name, count in sorted(self.samples_seen.items()):
-            self.log(f"data/seen/{name}", float(count), on_step=True, reduce_fx="sum", sync_dist=world > 1)
         datamodule = self.trainer.datamodule
+        names = sorted(getattr(datamodule, "probabilities", None) or self.samples_seen)
+        for name in names:
+            self.log(f"data/seen/{name}", float(self.samples_seen.get(name, 0)), on_step=True, reduce_fx="sum",
+                     sync_dist=world > 1)
         if datamodule is not None and hasattr(datamodule, "skip_counts"):
             by_reason: Counter = Counter()
             for counts in datamodule.skip_counts().values():
                 by_reason.update(counts)
-            for reason, count in sorted(by_reason.items()):
-                self.log(f"data/skipped/{reason}", float(count), on_step=True, reduce_fx="sum", sync_dist=world > 1)
+            for reason in sorted(by_reason):
+                self.log(f"data/skipped/{reason}", float(by_reason[reason]), on_step=True, reduce_fx="sum",
+                         sync_dist=world > 1)
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -1,0 +1,63 @@
+"""FSDP2 wrapping (instructblip.train.parallelize): the unit selection on CPU, a real sharded step on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from train_helpers import compose, tiny_overrides
+
+
+def test_blocks_become_units_and_each_unit_is_all_frozen_or_all_trainable(tiny_checkpoint):
+    from instructblip.model.instructblip import InstructBlip
+    from instructblip.train.module import select_trainable
+    from instructblip.train.parallelize import transformer_blocks
+
+    model = InstructBlip.from_pretrained(str(tiny_checkpoint))
+    select_trainable(model, ["query_tokens", "qformer", "projection", "vision.ln_vision"])
+    blocks = transformer_blocks(model)
+    owners = {id(block): name for name, block in model.named_modules() if any(block is b for b in blocks)}
+    names = sorted(owners.values())
+    assert any(n.startswith("vision.trunk.blocks.") for n in names)
+    assert any(n.startswith("qformer.layers.") for n in names)
+    assert any(n.startswith("llm.") for n in names)
+    assert len(names) == len(blocks)
+    for block in blocks:  # no unit mixes frozen and trainable parameters (no gradient memory for frozen ones)
+        assert len({p.requires_grad for p in block.parameters()}) == 1
+    # no unit inside another one
+    for block in blocks:
+        inner = set(map(id, block.modules())) - {id(block)}
+        assert not inner & set(map(id, blocks))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP2 (ModelParallelStrategy) needs a CUDA device")
+def test_fsdp_step_on_a_gpu(tiny_checkpoint, generated_data, tmp_path):
+    from torch.distributed.tensor import DTensor
+
+    from instructblip.train.run import build
+
+    cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data, steps=2), "trainer=fsdp",
+                   "trainer.devices=1", "callbacks=default", "checkpoint.every_n_steps=1",
+                   "checkpoint.export_huggingface=false"], tmp_path)
+    module, datamodule, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 2
+    assert all(isinstance(p, DTensor) for p in module.model.parameters())
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert set(checkpoint["state_dict"]) == {f"model.{n}" for n in module.trainable_names}
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 frozen towers are a GPU setting")
+def test_gpu_bf16_mixed_keeps_frozen_towers_in_bf16(tiny_checkpoint, generated_data, tmp_path):
+    from instructblip.train.run import build
+
+    cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data, steps=1), "trainer=gpu",
+                   "trainer.devices=1"], tmp_path)
+    module, datamodule, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    params = dict(module.model.named_parameters())
+    assert all(params[n].dtype == torch.bfloat16 for n in module.frozen_names)
+    assert all(params[n].dtype == torch.float32 for n in module.trainable_names)
