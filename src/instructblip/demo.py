@@ -51,8 +51,8 @@ class DemoSettings:
     quick: bool = False
     seed: int = 0
     size_scale: float = 1.0        # multiplies the held-in train sizes
-    val_samples: int = 100         # per held-in dataset
-    test_samples: int = 150        # per held-out dataset
+    val_samples: int = 60          # per held-in dataset
+    test_samples: int = 100        # per held-out dataset
     vision_steps: int | None = None       # None: conf/model/shapesworld_vision.yaml
     llm_steps: int | None = None          # None: conf/model/shapesworld_llm.yaml
     llm_documents: int | None = None
@@ -82,7 +82,7 @@ class DemoSettings:
 
     def apply_quick(self, given: dict) -> None:
         """A small world and a few steps per stage: every stage and the report, in a few minutes."""
-        quick = dict(size_scale=0.03, val_samples=8, test_samples=8, vision_steps=3, llm_steps=3, llm_documents=200,
+        quick = dict(size_scale=0.03, val_samples=4, test_samples=4, vision_steps=3, llm_steps=3, llm_documents=200,
                      stage1_steps=2, stage2_steps=2, instruct_steps=3, eval_batch_size=8, bert_layers=1)
         for key, value in quick.items():
             if key not in given:

@@ -105,6 +105,9 @@ def build_clip(cfg: VisionPretrainConfig):
         text_cfg={"context_length": cfg.context_length, "vocab_size": 49408, "width": cfg.text_width,
                   "heads": max(1, cfg.text_width // 64), "layers": cfg.text_layers},
     )
+    # the 49408-row BPE table of open_clip's tokenizer, of which the world uses ~100 rows, stays at its random
+    # initialisation: the text transformer above it adapts, and the optimiser skips millions of idle parameters
+    model.token_embedding.requires_grad_(False)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg.context_length)
     return model, tokenizer
 
@@ -144,7 +147,8 @@ class ContrastivePretraining(L.LightningModule):
     def configure_optimizers(self):
         from transformers import get_cosine_schedule_with_warmup
 
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=0.1)
+        optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.lr,
+                                      weight_decay=0.1)
         schedule = get_cosine_schedule_with_warmup(optimizer, self.cfg.warmup, self.cfg.steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
