@@ -214,7 +214,8 @@ class InstructBlipProcessor:
             raise ConfigError(
                 f"LLM tokenizer prepends {self._prefix} ({self.tokenizer.convert_ids_to_tokens(self._prefix)}) but "
                 f"its bos_token is {self.tokenizer.bos_token!r} (id {bos_id}); rebuild its post-processor "
-                "(tokenizer.update_post_processor()) so that every prompt starts with the bos the model was trained with"
+                "(tokenizer.update_post_processor()) so that every prompt starts with the bos the model was "
+                "trained with"
             )
         vicuna_style = bos_id is not None and self.tokenizer.bos_token == self.tokenizer.eos_token
         if self.llm_kind == "decoder_only" and vicuna_style and self._prefix != [bos_id]:

@@ -47,10 +47,16 @@ def transformers_answer(checkpoint: Path, image_path: Path, prompt: str, **setti
 
 
 @pytest.mark.parametrize(
-    "llm,num_beams",
-    [("llama", 1), ("t5", 3)],  # greedy on the decoder-only head, beam search on the encoder-decoder one
+    "llm,num_beams,subprocess_run",
+    [
+        ("llama", 1, True),  # greedy, through the installed console script
+        ("llama", 3, False),  # beam search, main() in this process (no second interpreter start-up)
+        ("t5", 3, False),
+    ],
 )
-def test_cli_answer_equals_transformers_generate(tiny_dirs, image_file, llm, num_beams):
+def test_cli_answer_equals_transformers_generate(
+    tiny_dirs, image_file, llm, num_beams, subprocess_run, monkeypatch, capsys
+):
     settings = dict(
         num_beams=num_beams,
         max_new_tokens=7,
@@ -61,16 +67,20 @@ def test_cli_answer_equals_transformers_generate(tiny_dirs, image_file, llm, num
     )
     expected = transformers_answer(tiny_dirs[llm], image_file, "What is unusual about this image?", **settings)
     assert expected  # the tiny model produces real tokens: the comparison is not between two empty strings
-    result = run_cli(
-        "instructblip-generate",
+    overrides = (
         f"checkpoint={tiny_dirs[llm]}",
         f"image={image_file}",
         "prompt=What is unusual about this image?",
         *(f"{key}={value}" for key, value in settings.items()),
     )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == expected
-    assert "Traceback" not in result.stderr
+    if subprocess_run:
+        result = run_cli("instructblip-generate", *overrides)
+        code, out, err = result.returncode, result.stdout, result.stderr
+    else:
+        code, out, err = run_in_process(monkeypatch, capsys, *overrides)
+    assert code == 0, err
+    assert out.strip().splitlines()[-1] == expected
+    assert "Traceback" not in err
 
 
 def run_in_process(monkeypatch, capsys, *overrides: str) -> tuple[int, str, str]:

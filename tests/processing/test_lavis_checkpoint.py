@@ -62,6 +62,7 @@ def test_mapping_rejects_what_it_cannot_place(hf_llama):
     with pytest.raises(ConfigError, match="allowed: instructblip-vicuna7b"):
         lavis.resolve_preset("instructblip-opt2.7b")
     assert lavis.resolve_preset("Salesforce/instructblip-flan-t5-xl") == "instructblip-flant5xl"
+    assert lavis.resolve_preset("instructblip_vicuna13b") == lavis.resolve_preset("vicuna13b") == "instructblip-vicuna13b"
 
 
 def _eva_g_style(vision: dict[str, torch.Tensor], num_layers: int, prefix: str) -> dict[str, torch.Tensor]:

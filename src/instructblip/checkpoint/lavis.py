@@ -54,12 +54,14 @@ _PRESET_ALIASES = {
 
 
 def resolve_preset(name: str) -> str:
-    """``instructblip-vicuna7b``, ``vicuna7b``, ``instruct_vicuna7b`` or the hub spelling -> the preset name."""
+    """``instructblip-vicuna7b`` (as ``instructblip.model.presets``), ``instructblip_vicuna7b`` (conf/model),
+    ``vicuna7b`` / ``instruct_vicuna7b`` (LAVIS) or the hub spelling -> the preset name."""
     key = name.strip().lower().removeprefix("salesforce/")
-    if key in PRESETS:
-        return key
-    if key in _PRESET_ALIASES:
-        return _PRESET_ALIASES[key]
+    for candidate in (key, key.replace("_", "-")):  # conf/model/ spells them instructblip_vicuna7b
+        if candidate in PRESETS:
+            return candidate
+        if candidate in _PRESET_ALIASES:
+            return _PRESET_ALIASES[candidate]
     raise ConfigError(f"model={name!r} is not a released InstructBLIP; allowed: {', '.join(PRESETS)}")
 
 
@@ -529,7 +531,9 @@ def save_lavis(checkpoint: HFCheckpoint, dst: str | Path) -> dict[str, Path]:
     dst.mkdir(parents=True, exist_ok=True)
     lavis = hf_to_lavis(checkpoint.state_dict, checkpoint.llm_kind)
     trimmed = {k: v.contiguous() for k, v in lavis.items() if is_trainable_lavis_key(k)}
-    vision = {k.removeprefix("visual_encoder."): v.contiguous() for k, v in lavis.items() if k.startswith("visual_encoder.")}
+    vision = {
+        k.removeprefix("visual_encoder."): v.contiguous() for k, v in lavis.items() if k.startswith("visual_encoder.")
+    }
     llm_prefix = "llm_model." if checkpoint.llm_kind == "decoder_only" else "t5_model."
     llm_state = {k.removeprefix(llm_prefix): v for k, v in lavis.items() if k.startswith(llm_prefix)}
     paths = {"model": dst / "instruct_blip_trimmed.pth", "vision": dst / "eva_vit.pth", "llm": dst / "llm"}

@@ -25,7 +25,10 @@ from instructblip.cli._common import checkpoint_kind, open_model, require, run_h
 from instructblip.errors import ConfigError
 
 PROG = "instructblip-convert"
-USAGE = f"{PROG} src=CHECKPOINT dst=DIR [from=lavis|hf|trained] [to=hf|lavis] [model=NAME vision=PATH llm=DIR] [base=DIR]"
+USAGE = (
+    f"{PROG} src=CHECKPOINT dst=DIR [from=lavis|hf|trained] [to=hf|lavis] [model=NAME vision=PATH llm=DIR] "
+    "[base=DIR]"
+)
 SCHEMA = {
     "src": MISSING,
     "dst": MISSING,
@@ -54,7 +57,8 @@ def convert(cfg) -> str:
         raise ConfigError(f"from={source!r}; allowed: {', '.join(KINDS)}")
     target = cfg.to or KINDS[source][0]
     if target not in KINDS[source]:
-        raise ConfigError(f"from={source} to={target} is not a conversion; from={source} allows to={'|'.join(KINDS[source])}")
+        allowed = "|".join(KINDS[source])
+        raise ConfigError(f"from={source} to={target} is not a conversion; from={source} allows to={allowed}")
     if dst.exists() and any(dst.iterdir()) and not cfg.overwrite:
         raise ConfigError(f"dst={dst} is not empty; choose another directory or pass overwrite=true")
 
