@@ -2,7 +2,6 @@
 ``instructblip-eval`` (Hydra, in this process), then a resumed run that must reproduce the same predictions."""
 
 import json
-import shutil
 import sys
 
 import pytest
