@@ -15,9 +15,9 @@ tokenizer changes (Vicuna: ``[PAD]`` added, bos = eos = unk = ``</s>``; T5: ``de
 ``save_hf`` / ``save_lavis`` write either layout.
 
 LayerNorm eps of ``ln_vision``: LAVIS uses torch's default 1e-5, transformers' ``post_layernorm`` 1e-6 (the hub
-conversion accepted the difference). ``load_lavis_checkpoint`` (the model) uses LAVIS's 1e-5 unless
-``ln_vision_eps`` says otherwise (1e-6 reproduces transformers' numbers exactly); the Hugging Face layout
-(``save_hf``) has no place for a separate value, so an export runs with transformers' 1e-6.
+conversion accepted the difference). ``load_lavis`` records LAVIS's 1e-5 unless ``ln_vision_eps`` says otherwise
+(1e-6 reproduces transformers' numbers exactly) and ``InstructBlip.from_pretrained(<.pth>, ...)`` builds ``ln_vision``
+with it; the Hugging Face layout (``save_hf``) has no place for a separate value, so an export runs with 1e-6.
 """
 
 from __future__ import annotations
@@ -565,38 +565,3 @@ def _some(keys, limit: int = 5) -> str:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def load_lavis_checkpoint(
-    path: str | Path,
-    vision: str | Path | None = None,
-    llm: str | Path | None = None,
-    model: str | None = None,
-    config: str | Path | None = None,
-    qformer_tokenizer: str | Path | None = None,
-    ln_vision_eps: float = LAVIS_LN_VISION_EPS,
-    **overrides,
-):
-    """``InstructBlip`` (processor attached) from a LAVIS trimmed ``.pth`` plus its vision and LLM weights
-    (what ``InstructBlip.from_pretrained(path, vision=..., llm=..., model=...)`` calls).
-
-    The parts are assembled in Hugging Face terms and loaded through the Hugging Face loader via a temporary
-    directory; ``ln_vision`` then gets LAVIS's eps (1e-5 unless ``ln_vision_eps`` says otherwise). ``overrides`` go
-    to the Hugging Face loader (``device``, config fields).
-    """
-    import tempfile
-
-    from instructblip.checkpoint.hf import load_hf_checkpoint
-
-    if vision is None or llm is None:
-        raise ConfigError(
-            f"LAVIS checkpoint {path} holds only the trained parts: also give vision=<eva_vit_g.pth or an EVA "
-            "checkpoint> and llm=<Hugging Face LLaMA/T5 directory>"
-        )
-    checkpoint = load_lavis(path, vision, llm, model, config, qformer_tokenizer, ln_vision_eps)
-    with tempfile.TemporaryDirectory(prefix="instructblip-lavis-") as tmp:
-        save_hf(checkpoint, tmp)
-        loaded = load_hf_checkpoint(tmp, **overrides)
-    loaded.vision.ln_vision.eps = ln_vision_eps
-    loaded.config.vision.ln_vision_eps = ln_vision_eps
-    return loaded
