@@ -84,11 +84,14 @@ def test_trained_weights_export_to_hf(tiny_dirs, tmp_path, monkeypatch, capsys):
     save_file({name: t.detach().contiguous() for name, t in trainable.items()}, tmp_path / "trainable.safetensors")
     lightning = {"state_dict": {f"model.{name}": t.detach().clone() for name, t in trainable.items()}, "epoch": 0}
     torch.save(lightning, tmp_path / "last.ckpt")
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(lightning, checkpoint_id=str(tmp_path / "sharded"))  # what FSDP runs write: a directory of shards
 
     code, _, err = convert(monkeypatch, capsys, f"src={tmp_path / 'last.ckpt'}", f"dst={tmp_path / 'x'}")
     assert code == 2 and "base=" in err and len(err.strip().splitlines()) == 1
 
-    for name in ("trainable.safetensors", "last.ckpt"):
+    for name in ("trainable.safetensors", "last.ckpt", "sharded"):
         out_dir = tmp_path / f"hf-{name}"
         code, out, err = convert(monkeypatch, capsys, f"src={tmp_path / name}", f"base={base}", f"dst={out_dir}")
         assert code == 0, err

@@ -101,11 +101,16 @@ TRAINED_SUFFIXES = (".ckpt", ".safetensors")
 
 def checkpoint_kind(path: Path) -> str:
     """``hf`` (a Hugging Face InstructBLIP directory, which is also what this project exports), ``lavis`` (a
-    LAVIS ``.pth``) or ``trained`` (a Lightning ``.ckpt`` / ``trainable.safetensors`` this project's training wrote,
-    holding the trained weights only)."""
+    LAVIS ``.pth``) or ``trained`` (a Lightning ``.ckpt``, a sharded FSDP checkpoint directory or
+    ``trainable.safetensors`` that this project's training wrote, holding the trained weights only)."""
     if path.is_dir():
+        if (path / ".metadata").is_file():  # a sharded (FSDP/DCP) checkpoint directory written by training
+            return "trained"
         if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path} is a directory without config.json (not a Hugging Face InstructBLIP)")
+            raise CheckpointError(
+                f"{path} is a directory without config.json (not a Hugging Face InstructBLIP) and without "
+                ".metadata (not a sharded training checkpoint)"
+            )
         return "hf"
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -156,8 +161,15 @@ def open_model(
             f"checkpoint {path} holds only the weights training changed; give base=<the checkpoint the run "
             "started from (its model.pretrained)>"
         )
+    import tempfile
+
     from instructblip.train.build import load_trainable_weights
+    from instructblip.train.checkpointing import consolidate
 
     loaded = InstructBlip.from_pretrained(Path(base).expanduser(), **placement)
-    load_trainable_weights(loaded, path)
+    if path.is_dir():
+        with tempfile.TemporaryDirectory(prefix="instructblip-dcp-") as tmp:
+            load_trainable_weights(loaded, consolidate(path, Path(tmp) / "consolidated.ckpt"))
+    else:
+        load_trainable_weights(loaded, path)
     return loaded
