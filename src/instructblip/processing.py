@@ -217,7 +217,9 @@ class InstructBlipProcessor:
                 "(tokenizer.update_post_processor()) so that every prompt starts with the bos the model was "
                 "trained with"
             )
-        vicuna_style = bos_id is not None and self.tokenizer.bos_token == self.tokenizer.eos_token
+        # LAVIS's Vicuna configuration (bos = eos = "</s>"); GPT-2-style tokenizers (bos = eos, nothing prepended)
+        # use another token and are left alone.
+        vicuna_style = bos_id is not None and self.tokenizer.bos_token == self.tokenizer.eos_token == "</s>"
         if self.llm_kind == "decoder_only" and vicuna_style and self._prefix != [bos_id]:
             # LAVIS's Vicuna rule: every prompt starts with bos = "</s>" (id 2 in LLaMA's vocabulary).
             raise ConfigError(
