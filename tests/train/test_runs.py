@@ -106,6 +106,12 @@ def test_ddp_two_processes_follow_the_single_process_trajectory(tiny_checkpoint,
         ddp = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
         assert ddp.keys() == single.keys()
         for key in single:
+            if key.endswith(".key.bias"):
+                # A key bias shifts every attention logit of a query equally, so softmax cancels it: its true
+                # gradient is 0 and what it gets is rounding noise, which AdamW turns into steps of about lr. The two
+                # runs round differently (averaged vs summed halves), so these may differ by up to lr per step.
+                assert (ddp[key] - single[key]).abs().max() <= 2 * step * 1e-3, f"step {step}: {key}"
+                continue
             torch.testing.assert_close(ddp[key], single[key], rtol=1e-5, atol=1e-6, msg=f"step {step}: {key}")
     first = torch.load(ddp_dir / "checkpoints" / "step=1.ckpt", map_location="cpu", weights_only=False)
     assert any(not torch.equal(first["state_dict"][f"model.{k}"], v) for k, v in snapshots.after_step[-1].items())
