@@ -119,15 +119,16 @@ def build_pair(size: str, llm: str, device: str, seed: int = 0) -> Pair:
     with torch.device(device):
         theirs = InstructBlipForConditionalGeneration(config)
     theirs.eval()
-    # Same weights into ours (on the CPU side of the loader when on CUDA, to keep one GPU copy at a time).
-    state = {k: v.detach().to("cpu") for k, v in theirs.state_dict().items()}
-    ours = build_from_hf(config.to_dict(), state, device=device)
-    del state
     freeze_like_lavis(theirs)
     if device.startswith("cuda"):  # frozen towers in bf16, trainable parts fp32 (ours does this by its dtype policy)
         theirs.vision_model.to(torch.bfloat16)
         theirs.vision_model.post_layernorm.float()
         theirs.language_model.to(torch.bfloat16)
+    # Same weights into ours (through the CPU, half the bytes once the towers are bf16; ours' dtype policy casts
+    # the frozen towers back to the same bf16 values on CUDA).
+    state = {k: v.detach().to("cpu") for k, v in theirs.state_dict().items()}
+    ours = build_from_hf(config.to_dict(), state, device=device)
+    del state
     return Pair(theirs=theirs, ours=ours, config=config)
 
 

@@ -11,11 +11,15 @@ penalty applied to every token id seen so far (the prompt ids when given, then t
 before the processors, pad after EOS, and a stop once every row has finished or ``max_new_tokens`` are out.
 Sampling, beam search and several return sequences are left to ``generate`` (``handles`` says which calls qualify).
 
-``cache="static"`` uses transformers' ``StaticCache`` (fixed shapes), and ``compile=True`` runs each decode step
-through ``torch.compile(mode="reduce-overhead")`` (CUDA graphs): a GPU option, the compiled step is kept on the model.
+``cache="static"`` uses transformers' ``StaticCache`` and keeps every decode step's shapes fixed (the attention mask
+is one buffer of the final length, filled as tokens come; the cache position is passed where the model takes it),
+and ``compile=True`` runs each decode step through ``torch.compile(mode="reduce-overhead")`` (CUDA graphs): a GPU
+option, the compiled step is kept on the model.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -81,14 +85,23 @@ def greedy(
         raise ValueError(f"cache={cache!r}; allowed: 'dynamic', 'static'")
     step = _compiled_forward(model) if compile else model
 
+    parameters = inspect.signature(model.forward).parameters
+    takes_cache_position = "cache_position" in parameters
+    # transformers renamed the forward's cache argument (``past_key_values`` -> ``cache``); use the model's own name
+    cache_arg = "cache" if "cache" in parameters else "past_key_values"
+
     attention_mask = attention_mask.long()
     positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    if cache == "static":  # one mask of the final length: the same shapes at every decode step
+        full_mask = attention_mask.new_zeros(batch, prompt_length + max_new_tokens)
+        full_mask[:, :prompt_length] = attention_mask
     seen = prompt_ids if prompt_ids is not None else attention_mask.new_zeros(batch, 0)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     generated = []
+    extra = {"cache_position": torch.arange(prompt_length, device=device)} if takes_cache_position else {}
     logits = model(
-        inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=positions, past_key_values=past,
-        use_cache=True, logits_to_keep=1,
+        inputs_embeds=inputs_embeds, attention_mask=full_mask if cache == "static" else attention_mask,
+        position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_arg: past}, **extra,
     ).logits[:, -1].float()
     for index in range(max_new_tokens):
         if repetition_penalty != 1.0 and seen.shape[1]:
@@ -102,11 +115,17 @@ def greedy(
         unfinished &= ~torch.isin(token, eos)
         if index + 1 == max_new_tokens or not bool(unfinished.any()):
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        if cache == "static":
+            full_mask[:, prompt_length + index] = 1
+            attention_mask = full_mask
+        else:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
         positions = positions[:, -1:] + 1
+        if takes_cache_position:
+            extra = {"cache_position": torch.tensor([prompt_length + index], device=device)}
         logits = step(
-            input_ids=token[:, None], attention_mask=attention_mask, position_ids=positions, past_key_values=past,
-            use_cache=True, logits_to_keep=1,
+            input_ids=token[:, None], attention_mask=attention_mask, position_ids=positions, use_cache=True,
+            logits_to_keep=1, **{cache_arg: past}, **extra,
         ).logits[:, -1].float()
     return torch.stack(generated, dim=1)
 

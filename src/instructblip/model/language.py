@@ -161,8 +161,11 @@ class LanguageModel(nn.Module):
             token_losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
             rows = keep.nonzero(as_tuple=True)[0]
         else:
+            if self.kind == ENCODER_DECODER and decoder_input_ids is None:
+                decoder_input_ids = self.hf_model._shift_right(labels)
+            # labels are not passed on: the loss is computed once, here, from the token losses
             logits, _ = self.forward(
-                visual, input_ids, attention_mask, labels, decoder_input_ids, decoder_attention_mask
+                visual, input_ids, attention_mask, None, decoder_input_ids, decoder_attention_mask
             )
             targets = labels
             if self.kind == DECODER_ONLY:
