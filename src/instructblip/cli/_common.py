@@ -68,7 +68,12 @@ def run_hydra_app(prog: str, schema, body: Callable) -> None:
                 {"override hydra/hydra_logging": "none"},
                 "_self_",
             ],
-            "hydra": {"run": {"dir": "."}, "output_subdir": None},
+            "hydra": {
+                "run": {"dir": "."},
+                "output_subdir": None,
+                "job": {"name": name},
+                "help": {"app_name": prog},
+            },
         },
     )
     check_override_keys(prog, schema, sys.argv[1:])
