@@ -19,19 +19,22 @@ MODELS = {  # eval directory -> the name in the tables
 }
 
 
-def _records(shards: Path, name: str, split: str):
+def _records(shards: Path, name: str, split: str, limit: int):
+    """The first ``limit`` records, in the order the evaluation runner reads them."""
     from instructblip.data.shards import list_shards, read_shards
 
-    for example in read_shards(list_shards(str(shards / f"{name}-{split}-*.tar"))):
+    for count, example in enumerate(read_shards(list_shards(str(shards / f"{name}-{split}-*.tar")))):
+        if count >= limit:
+            return
         yield example.record
 
 
-def chance(shards: Path, name: str) -> tuple[float | None, str]:
-    """Chance level of a benchmark in its metric's units (percent), and how it was computed."""
+def chance(shards: Path, name: str, limit: int) -> tuple[float | None, str]:
+    """Chance level of a benchmark in its metric's units (percent), on the evaluated records, and how."""
     from instructblip.data import registry
 
     info = registry.get(name)
-    records = list(_records(shards, name, info.eval_split))
+    records = list(_records(shards, name, info.eval_split, limit))
     if not records:
         return None, "no records"
     if info.metric == "auroc":
@@ -148,7 +151,8 @@ def write_report(demo) -> Path:
             results[key] = json.loads(path.read_text())
     chances, chance_how = {}, {}
     for name in held_in + held_out:
-        chances[name], chance_how[name] = chance(demo.shards, name)
+        limit = demo.s.test_samples if registry.get(name).held_out else demo.s.val_samples
+        chances[name], chance_how[name] = chance(demo.shards, name, limit)
     models = [m for m in MODELS if m in results]
     curves = {"vision (CLIP)": [], "LLM (text)": []}
     for key, label in (("vision", "vision (CLIP)"), ("llm", "LLM (text)")):
