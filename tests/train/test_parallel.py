@@ -61,3 +61,19 @@ def test_gpu_bf16_mixed_keeps_frozen_towers_in_bf16(tiny_checkpoint, generated_d
     params = dict(module.model.named_parameters())
     assert all(params[n].dtype == torch.bfloat16 for n in module.frozen_names)
     assert all(params[n].dtype == torch.float32 for n in module.trainable_names)
+
+
+def test_sharded_checkpoint_consolidates_to_one_file(tmp_path):
+    """A DCP checkpoint directory (what sharded FSDP saves, with Lightning's meta.pt beside it) -> one .ckpt."""
+    import torch.distributed.checkpoint as dcp
+
+    from instructblip.train.checkpointing import consolidate
+
+    state = {"state_dict": {"model.qformer.w": torch.randn(4, 3), "model.query_tokens": torch.randn(1, 2, 3)}}
+    sharded = tmp_path / "step=5.ckpt"
+    dcp.save(state, checkpoint_id=str(sharded), no_dist=True)
+    torch.save({"global_step": 5, "loops": {"fit_loop": {}}}, sharded / "meta.pt")
+    merged = torch.load(consolidate(sharded), map_location="cpu", weights_only=False)
+    assert merged["global_step"] == 5
+    for key, value in state["state_dict"].items():
+        assert torch.equal(merged["state_dict"][key], value)
