@@ -56,11 +56,13 @@ def test_signal_checkpoints_at_the_next_step_boundary_then_hands_over_to_submiti
     try:
         with pytest.raises(SystemExit):
             fit(tmp_path, SignalAt(step=3), slurm.PreemptionCheckpoint())
+        # submitit's handler ran once, after the checkpoint existed, not from inside the signal
+        assert handed_over == [(signal.SIGUSR2, True)]
+        with pytest.raises(SystemExit):  # the fit is over: the signal is submitit's again
+            os.kill(os.getpid(), signal.SIGUSR2)
+        assert len(handed_over) == 2
     finally:
-        restored = signal.signal(signal.SIGUSR2, previous)
-    assert restored is submitit_handler, "the callback did not give the signal back to its previous owner"
-    # submitit's handler ran once, after the checkpoint existed, not from inside the signal
-    assert handed_over == [(signal.SIGUSR2, True)]
+        signal.signal(signal.SIGUSR2, previous)
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 4  # the signal came during step 3: saved once step 3 had finished
     assert not list((tmp_path / "checkpoints").glob(".*partial"))

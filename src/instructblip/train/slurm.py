@@ -156,13 +156,19 @@ class PreemptionCheckpoint(Callback):
         self._requested = False
         self._previous_handler: Any = None
         self._installed = False
+        self._active = False
         self._owner_pid = os.getpid()
 
     # -- signal: only a flag, nothing else may run inside the handler
     def _on_signal(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._owner_pid:
             return  # a forked DataLoader worker inherited the handler: the training process acts, not the worker
-        self._requested = True
+        if self._active:
+            self._requested = True
+        elif callable(self._previous_handler):
+            # The fit is over, but Lightning, restoring the handlers it found at its start, put this one back:
+            # the signal belongs to its previous owner again.
+            self._previous_handler(signum, frame)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -173,18 +179,20 @@ class PreemptionCheckpoint(Callback):
             environment = trainer._accelerator_connector.cluster_environment
         if isinstance(environment, SLURMEnvironment):
             environment.auto_requeue = False
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Installed here, after Lightning saved the process's handlers (it restores them when the fit ends).
+        # Before the data loaders start: their forked workers inherit this handler (which ignores the signal there)
+        # rather than submitit's (which would requeue the job from a worker).
         if threading.current_thread() is not threading.main_thread():
             log.warning("preemption: trainer.fit is not on the main thread, cannot handle %s", self.signal.name)
             return
         self._owner_pid = os.getpid()
         self._requested = False
-        self._previous_handler = signal.signal(self.signal, self._on_signal)
-        self._installed = True
+        self._active = True
+        if not self._installed:
+            self._previous_handler = signal.signal(self.signal, self._on_signal)
+            self._installed = True
 
     def _restore_handler(self) -> None:
+        self._active = False
         if self._installed:
             signal.signal(self.signal, self._previous_handler if self._previous_handler is not None else signal.SIG_DFL)
             self._installed = False
