@@ -114,6 +114,26 @@ def test_greedy_loop_stops_and_pads_like_transformers(lean_only, hf_models, imag
     assert all(t == pad for t in actual[0, first_eos + 1 :].tolist())
 
 
+def test_encoder_decoder_loop_gives_transformers_token_ids(our_models, hf_models, images, monkeypatch):
+    ours, hf = our_models["t5"], hf_models["t5"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("greedy decoding fell back to transformers' generate")
+
+    monkeypatch.setattr(ours.llm.hf_model, "generate", refuse)
+    batch = ours.processor.generation_batch(images, PROMPTS)
+    eos, pad = ours.processor.tokenizer.eos_token_id, ours.processor.pad_token_id
+    for settings in (
+        dict(num_beams=1, max_new_tokens=9, min_new_tokens=3, repetition_penalty=1.4),
+        dict(num_beams=1, max_new_tokens=9, min_new_tokens=0, repetition_penalty=1.0),
+    ):
+        actual = ours.generate_ids(batch, **settings)
+        with torch.no_grad():
+            expected = hf.generate(**to_transformers_batch(ours, batch), do_sample=False, length_penalty=1.0,
+                                   eos_token_id=eos, pad_token_id=pad, **settings)[:, 1:]
+        assert actual.tolist() == expected.tolist()
+
+
 def test_loop_handles_only_what_it_reproduces(our_models):
     hf_model = our_models["llama"].llm.hf_model
     greedy = dict(num_beams=1, do_sample=False, max_new_tokens=5, num_return_sequences=1)

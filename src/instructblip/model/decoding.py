@@ -1,10 +1,11 @@
-"""A lean greedy decoding loop for decoder-only LLMs: the same token ids as transformers' ``generate``, less work.
+"""Lean greedy decoding loops (decoder-only and T5-style LLMs): the same token ids as transformers' ``generate``.
 
 transformers' ``generate`` is general: per step it re-prepares the model inputs, runs a list of logits processors
 and stopping criteria, and checks many options. InstructBLIP's greedy decoding needs four things: a KV cache, the
 repetition penalty, the minimum length (EOS suppressed until ``min_new_tokens``) and EOS/padding bookkeeping. This
 loop does exactly those, calling the transformers model itself for every forward (so the numbers are the model's
-own), and asks it for the last position's logits only (``logits_to_keep=1``).
+own), and asks a decoder-only model for the last position's logits only (``logits_to_keep=1``); a T5-style model
+runs its encoder once and its decoder one token a step (``greedy_encoder_decoder``).
 
 It reproduces ``generate``'s choices: position ids from the attention mask's cumulative sum (left padding), the
 penalty applied to every token id seen so far (the prompt ids when given, then the generated ones), logits in fp32
@@ -76,7 +77,6 @@ def greedy(
 
     batch, prompt_length = attention_mask.shape
     device = inputs_embeds.device
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     if cache == "static":
         past = StaticCache(config=model.config, max_cache_len=prompt_length + max_new_tokens)
     elif cache == "dynamic":
@@ -95,25 +95,18 @@ def greedy(
     if cache == "static":  # one mask of the final length: the same shapes at every decode step
         full_mask = attention_mask.new_zeros(batch, prompt_length + max_new_tokens)
         full_mask[:, :prompt_length] = attention_mask
-    seen = prompt_ids if prompt_ids is not None else attention_mask.new_zeros(batch, 0)
-    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-    generated = []
+    chooser = _GreedyChooser(
+        prompt_ids if prompt_ids is not None else attention_mask.new_zeros(batch, 0),
+        eos_token_id, pad_token_id, min_new_tokens, repetition_penalty,
+    )
     extra = {"cache_position": torch.arange(prompt_length, device=device)} if takes_cache_position else {}
     logits = model(
         inputs_embeds=inputs_embeds, attention_mask=full_mask if cache == "static" else attention_mask,
         position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_arg: past}, **extra,
-    ).logits[:, -1].float()
+    ).logits[:, -1]
     for index in range(max_new_tokens):
-        if repetition_penalty != 1.0 and seen.shape[1]:
-            picked = logits.gather(1, seen)
-            logits.scatter_(1, seen, torch.where(picked < 0, picked * repetition_penalty, picked / repetition_penalty))
-        if index < min_new_tokens:
-            logits[:, eos] = -float("inf")
-        token = torch.where(unfinished, logits.argmax(dim=-1), pad_token_id)
-        generated.append(token)
-        seen = torch.cat([seen, token[:, None]], dim=1)
-        unfinished &= ~torch.isin(token, eos)
-        if index + 1 == max_new_tokens or not bool(unfinished.any()):
+        token = chooser.choose(logits)
+        if index + 1 == max_new_tokens or chooser.all_finished():
             break
         if cache == "static":
             full_mask[:, prompt_length + index] = 1
@@ -126,8 +119,77 @@ def greedy(
         logits = step(
             input_ids=token[:, None], attention_mask=attention_mask, position_ids=positions, use_cache=True,
             logits_to_keep=1, **{cache_arg: past}, **extra,
-        ).logits[:, -1].float()
-    return torch.stack(generated, dim=1)
+        ).logits[:, -1]
+    return chooser.generated()
+
+
+@torch.no_grad()
+def greedy_encoder_decoder(
+    model,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | list[int],
+    pad_token_id: int,
+    min_new_tokens: int = 0,
+    repetition_penalty: float = 1.0,
+    **ignored,
+) -> torch.Tensor:
+    """The same loop for T5-style models: the encoder runs once, the decoder one token a step from its start token
+    (which, as in ``generate``, the repetition penalty sees). Returns the new ids without the start token."""
+    from transformers import DynamicCache, EncoderDecoderCache
+    from transformers.modeling_outputs import BaseModelOutput
+
+    batch = inputs_embeds.shape[0]
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    encoded = model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+    encoder_outputs = BaseModelOutput(last_hidden_state=encoded.last_hidden_state)
+    past = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    start = model.generation_config.decoder_start_token_id
+    start = model.config.decoder_start_token_id if start is None else start
+    token = attention_mask.new_full((batch,), start, dtype=torch.long)
+    chooser = _GreedyChooser(token[:, None], eos_token_id, pad_token_id, min_new_tokens, repetition_penalty)
+    for index in range(max_new_tokens):
+        logits = model(
+            encoder_outputs=encoder_outputs, attention_mask=attention_mask, decoder_input_ids=token[:, None],
+            use_cache=True, **{cache_arg: past},
+        ).logits[:, -1]
+        token = chooser.choose(logits)
+        if chooser.all_finished():
+            break
+    return chooser.generated()
+
+
+class _GreedyChooser:
+    """generate()'s greedy choice: fp32 logits, repetition penalty over every id seen, EOS masked until
+    ``min_new_tokens``, argmax, the pad id once a row has produced EOS."""
+
+    def __init__(self, seen: torch.Tensor, eos_token_id, pad_token_id: int, min_new_tokens: int, penalty: float):
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.eos = torch.tensor(ids, device=seen.device)
+        self.seen, self.pad, self.min_new_tokens, self.penalty = seen, pad_token_id, min_new_tokens, penalty
+        self.unfinished = torch.ones(seen.shape[0], dtype=torch.bool, device=seen.device)
+        self.tokens: list[torch.Tensor] = []
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.penalty != 1.0 and self.seen.shape[1]:
+            picked = logits.gather(1, self.seen)
+            logits.scatter_(1, self.seen, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
+        if len(self.tokens) < self.min_new_tokens:
+            logits[:, self.eos] = -float("inf")
+        token = torch.where(self.unfinished, logits.argmax(dim=-1), self.pad)
+        self.tokens.append(token)
+        self.seen = torch.cat([self.seen, token[:, None]], dim=1)
+        self.unfinished &= ~torch.isin(token, self.eos)
+        return token
+
+    def all_finished(self) -> bool:
+        return not bool(self.unfinished.any())
+
+    def generated(self) -> torch.Tensor:
+        return torch.stack(self.tokens, dim=1)
 
 
 def _compiled_forward(model):

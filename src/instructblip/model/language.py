@@ -13,7 +13,7 @@ Layouts (Q = number of visual tokens, T*num_query_tokens for video):
 Training does not need the logits, only the loss: ``label_loss`` runs the decoder-only LM body and applies the LM
 head to the positions that carry a label (the answer tokens and EOS, a small fraction of ``[visual; text]``), so
 the vocabulary projection and the fp32 cross-entropy cost answer-length work instead of sequence-length work.
-Greedy decoding goes through the lean loop of ``decoding.py``; the other generation modes through transformers'
+Greedy decoding goes through the lean loops of ``decoding.py``; the other generation modes through transformers'
 ``generate``.
 """
 
@@ -211,6 +211,8 @@ class LanguageModel(nn.Module):
                     **self.decoding_options,
                 )
             return self.hf_model.generate(**inputs, **generate_kwargs)[:, prompt_length:]
+        if decoding.handles(self.hf_model, generate_kwargs):
+            return decoding.greedy_encoder_decoder(self.hf_model, inputs_embeds, mask, **generate_kwargs)
         return self.hf_model.generate(**inputs, **generate_kwargs)[:, 1:]
 
     def candidate_log_likelihoods(
