@@ -120,8 +120,9 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_weights(slurm_cluster
     # W&B (offline): both attempts logged to the one run whose id comes from the SLURM job, in the sweep's group,
     # with the config; the second continues the step axis where the checkpoint left it, up to the end, and
     # logs the table of validation predictions with their images.
-    attempts = [wandb_records(run) for run in sorted((sweep / "1" / "wandb").glob("offline-run-*"))]
-    assert len(attempts) == 2, sorted((sweep / "1" / "wandb").iterdir())
+    runs = sorted((sweep / "1" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2, sorted((sweep / "1" / "wandb").iterdir())
+    attempts = [wandb_records(run) for run in runs]
     steps_logged = []
     for records in attempts:
         (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
@@ -129,12 +130,18 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_weights(slurm_cluster
         config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config"
                   for item in r.config.update}
         assert config["seed"] == 42 and config["trainer"]["max_steps"] == steps
-        history = [{item.key: json.loads(item.value_json) for item in r.history.item}
+        history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
                    for r in records if r.WhichOneof("record_type") == "history"]
         steps_logged.append(sorted({row["trainer/global_step"] for row in history if "train/loss" in row}))
     preempted_at = int(saved.group(2))
     assert steps_logged[0][-1] < preempted_at <= steps_logged[1][0], steps_logged
     assert steps_logged[1][-1] == steps - 1
-    table = [json.loads(item.value_json) for r in attempts[1] if r.WhichOneof("record_type") == "history"
-             for item in r.history.item if item.key == "val/predictions"]
-    assert table and table[0]["_type"] == "table-file" and table[0]["nrows"] > 0, table
+    table = {item.nested_key[1]: json.loads(item.value_json) for r in attempts[1]
+             if r.WhichOneof("record_type") == "history" for item in r.history.item
+             if list(item.nested_key[:1]) == ["val/predictions"]}
+    assert table.get("_type") == "table-file" and table["nrows"] > 0 and table["ncols"] == 7, table
+    rows = json.loads((runs[1] / "files" / table["path"]).read_text())
+    assert rows["columns"] == ["step", "dataset", "id", "image", "instruction", "prediction", "references"]
+    images = [path for r in attempts[1] if r.WhichOneof("record_type") == "artifact"
+              for path in (entry.path for entry in r.artifact.manifest.contents) if path.endswith(".png")]
+    assert 0 < len(images) <= table["nrows"], images  # one file per distinct image
