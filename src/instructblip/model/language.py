@@ -118,10 +118,10 @@ class LanguageModel(nn.Module):
         if self.kind == DECODER_ONLY:
             logits = self.hf_model(inputs_embeds=inputs_embeds, attention_mask=mask, use_cache=False).logits
             loss = None
-            if labels is not None:
+            if labels is not None:  # position t predicts token t+1: shift the labels, not the (large) logits
                 ignore = labels.new_full(visual.shape[:2], -100)
-                full_labels = torch.cat([ignore, labels], dim=1)
-                loss = token_mean_cross_entropy(logits[:, :-1], full_labels[:, 1:])
+                targets = torch.cat([ignore[:, 1:], labels, labels.new_full((labels.shape[0], 1), -100)], dim=1)
+                loss = token_mean_cross_entropy(logits, targets)
             return logits, loss
         if decoder_input_ids is None:
             if labels is None:
