@@ -42,4 +42,4 @@ class ExportOnTrainEnd(pl.Callback):
         if trainer.is_global_zero:
             rank_zero_info(f"trainable weights: {path}")
             if self.huggingface and hasattr(pl_module.model, "save_pretrained"):
-                rank_zero_info(f"Hugging Face export: {export_huggingface(pl_module, self.dirpath / 'hf')}")
+                rank_zero_info(f"Hugging Face export: {export_huggingface(pl_module, self.dirpath / 'hf', path)}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 
-def _gather_full(module, tensor: torch.Tensor) -> torch.Tensor:
+def _gather_full(tensor: torch.Tensor) -> torch.Tensor:
     """A full CPU tensor from a plain or FSDP2-sharded (DTensor) parameter."""
     full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
     return full.detach().to("cpu").contiguous()
@@ -30,7 +30,7 @@ def save_trainable(pl_module, path: str | Path, trainer=None) -> Path:
 
     path = Path(path)
     params = dict(pl_module.model.named_parameters())
-    state = {name: _gather_full(pl_module, params[name]) for name in pl_module.trainable_names}
+    state = {name: _gather_full(params[name]) for name in pl_module.trainable_names}
     if trainer is None or trainer.is_global_zero:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -40,10 +40,22 @@ def save_trainable(pl_module, path: str | Path, trainer=None) -> Path:
     return path
 
 
-def export_huggingface(pl_module, out_dir: str | Path) -> Path:
-    """The Hugging Face layout (``model.save_pretrained``), loadable by transformers and ``from_pretrained``."""
+def export_huggingface(pl_module, out_dir: str | Path, trainable_file: str | Path | None = None) -> Path:
+    """The Hugging Face layout (``model.save_pretrained``), loadable by transformers and ``from_pretrained``.
+
+    A sharded (FSDP2) model cannot be written by one rank: then the model is rebuilt unsharded on this rank's CPU
+    from its sources and the trained weights of ``trainable_file`` are loaded into it first.
+    """
     out_dir = Path(out_dir)
-    pl_module.model.save_pretrained(str(out_dir))
+    model = pl_module.model
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+        from instructblip.train.build import load_trainable_weights
+
+        if trainable_file is None:
+            raise ValueError("a sharded model needs its trainable_file to be exported")
+        model = pl_module.model_factory()
+        load_trainable_weights(model, trainable_file)
+    model.save_pretrained(str(out_dir))
     return out_dir
 
 

@@ -22,7 +22,6 @@ import os
 import random
 import tarfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl

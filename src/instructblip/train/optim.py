@@ -12,7 +12,7 @@ the optimiser.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -62,7 +62,3 @@ def warmup_cosine(
     start_factor = min(1.0, max(warmup_lr / base_lr, 1e-12))
     warmup = LinearLR(optimizer, start_factor=start_factor, end_factor=1.0, total_iters=warmup_steps)
     return SequentialLR(optimizer, schedulers=[warmup, cosine], milestones=[warmup_steps])
-
-
-OptimizerFactory = Callable[[Iterable[tuple[str, nn.Parameter]]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], LRScheduler]
