@@ -3,7 +3,7 @@
 Resources. The `hydra/launcher=submitit_slurm` preset takes the job's shape from the trainer config, the one
 place where it is written: ``tasks_per_node = trainer.devices`` (Lightning's SLURM environment requires it, one
 rank per srun task), ``gpus_per_node = trainer.devices`` when the accelerator is a GPU, ``nodes =
-trainer.num_nodes``. The two resolvers below do that mapping and reject what SLURM cannot express
+trainer.num_nodes``. The resolvers below do that mapping and reject what SLURM cannot express
 (``devices: auto``) with a message naming the key.
 
 Preemption. submitit asks SLURM for ``--signal=USR2@<signal_delay_s>`` and installs its own USR2 handler, which
@@ -14,13 +14,13 @@ so here one owner is picked:
 
 * the signal is submitit's (USR2, or ``$SUBMITIT_PREEMPT_SIGNAL``), and requeueing stays submitit's, so that its
   bookkeeping (timeout countdown, ``max_num_timeout``, the re-pickled job) keeps working;
-* :class:`PreemptionCheckpoint` replaces the handler with one that only sets a flag; at the next training step
-  boundary every rank agrees on the flag, the full training state is written to ``last.ckpt`` (atomically),
-  and only then is submitit's handler called to requeue the job;
+* :class:`PreemptionCheckpoint` replaces the handler (before the data loaders fork) with one that only sets a
+  flag; at the next training step boundary every rank agrees on the flag, the full training state is written
+  to ``last.ckpt`` (atomically), and only then is submitit's handler called to requeue the job;
 * Lightning's own SLURM auto-requeue is switched off, so that a stray USR1 cannot start a second save.
 
 The requeued job is the same Hydra job (same overrides, same ``${hydra.sweep.dir}/${hydra.job.num}`` output
-directory), so it finds ``last.ckpt`` there and resumes from it (:func:`resume_checkpoint`).
+directory), so the training entry point's ``resume: auto`` finds ``last.ckpt`` there and resumes from it.
 """
 
 from __future__ import annotations
@@ -117,17 +117,6 @@ def slurm_job_id() -> str | None:
     if array_job and array_task:
         return f"{array_job}_{array_task}"
     return os.environ.get("SLURM_JOB_ID") or None
-
-
-def restart_count() -> int:
-    """How many times SLURM requeued this job (0 on the first run, or outside SLURM)."""
-    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-
-
-def resume_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
-    """``<checkpoint_dir>/last.ckpt`` when a previous run of this job (a preempted or requeued one) left it."""
-    path = Path(checkpoint_dir) / LAST_CHECKPOINT
-    return str(path) if path.exists() else None
 
 
 # --------------------------------------------------------------------------------------------- preemption
