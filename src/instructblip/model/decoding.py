@@ -173,7 +173,9 @@ class _GreedyChooser:
         self.tokens: list[torch.Tensor] = []
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
+        # an fp32 copy, as generate() takes: the processors below work in place, and a compiled (CUDA-graph) step
+        # hands out a buffer that its next replay overwrites
+        logits = logits.to(torch.float32, copy=True)
         if self.penalty != 1.0 and self.seen.shape[1]:
             picked = logits.gather(1, self.seen)
             logits.scatter_(1, self.seen, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
