@@ -38,8 +38,9 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 @pytest.mark.timeout(300)  # a forked child that hangs must not hang the suite
 def test_two_process_sync_drops_repeated_ids(tmp_path):
     port = 29500 + os.getpid() % 1000
-    # fork: the children reuse this process's imports (spawn would re-import torch in each, tens of seconds)
-    mp.start_processes(_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="fork")
+    # spawn, not fork: after a long test session the parent holds threads (OpenMP pool, tqdm monitor) whose locks a
+    # forked child inherits mid-use, and then hangs in its first torch op.
+    mp.start_processes(_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
     single_acc, single_auc = build_metric("accuracy"), build_metric("auroc")
     single_acc.update(ROWS)
     single_auc.update(SCORED)
@@ -50,11 +51,15 @@ def test_two_process_sync_drops_repeated_ids(tmp_path):
         assert result["auroc"] == pytest.approx(single_auc.compute().item())
 
 
-def _runner_worker(rank: int, world_size: int, port: int, model, shards: str, out_dir: str) -> None:
+def _runner_worker(rank: int, world_size: int, port: int, checkpoint: str, shards: str, out_dir: str) -> None:
     from pathlib import Path
 
     from instructblip.data import registry
     from instructblip.eval.runner import Benchmark, Distributed, evaluate_benchmark
+    from instructblip.model.instructblip import InstructBlip
+
+    torch.set_num_threads(1)
+    model = InstructBlip.from_pretrained(checkpoint).eval()
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -80,8 +85,8 @@ def test_runner_two_ranks_split_shards_and_merge(tmp_path, eval_shards, tiny_che
 
     model = InstructBlip.from_pretrained(tiny_checkpoint).eval()
     port = 30500 + os.getpid() % 1000
-    mp.start_processes(_runner_worker, args=(2, port, model, str(eval_shards), str(tmp_path / "ddp")), nprocs=2,
-                       start_method="fork")
+    mp.start_processes(_runner_worker, args=(2, port, str(tiny_checkpoint), str(eval_shards), str(tmp_path / "ddp")),
+                       nprocs=2, start_method="spawn")  # spawn: see test_two_process_sync_drops_repeated_ids
     for name in ("gqa", "visdial"):
         single = evaluate_benchmark(model, Benchmark(registry.get(name), {"num_beams": 1, "max_new_tokens": 3}),
                                     eval_shards, tmp_path / "single", batch_size=2, progress=False)
