@@ -13,9 +13,8 @@ from pathlib import Path
 from data_prep import Source
 from data_prep.media import BAD_FIELD, image_member
 from data_prep.shards import Sample, Skip
-from data_prep.sources import check_split, find_dir, find_files, load_json, require
+from data_prep.sources import check_split, find_dir, find_files, load_json, multiple_choice
 from instructblip.errors import DataError
-from instructblip.data.record import Record
 
 SPLITS = ("train", "val", "test")
 SUB_TASK = "choose_txt"
@@ -41,23 +40,9 @@ def _items(dataset, split, pids, problems, folder: Path):
         if not isinstance(row, dict):
             yield Skip(pid, BAD_FIELD, "pid listed in pid_splits.json but not in problems.json")
             continue
-        problem = require(row, ["question", "choices", "answer"])
-        if not problem and not (isinstance(row["answer"], int) and 0 <= row["answer"] < len(row["choices"])):
-            problem = f"answer {row['answer']!r} is not an index into {len(row['choices'])} choices"
-        if problem:
-            yield Skip(pid, BAD_FIELD, problem)
+        record = multiple_choice(dataset, split, pid, row, extra={"grade": row.get("grade"), "label": row.get("label")})
+        if isinstance(record, str):
+            yield Skip(pid, BAD_FIELD, record)
             continue
-        record = Record(
-            dataset=dataset,
-            task="mc",
-            id=pid,
-            split=split,
-            image_id=pid,
-            question=row["question"],
-            choices=list(row["choices"]),
-            answer_index=row["answer"],
-            answers=[row["choices"][row["answer"]]],
-            extra={"grade": row.get("grade"), "label": row.get("label")},
-        )
         path = folder / pid / "image.png"
         yield Sample(record, lambda path=path: image_member(path))

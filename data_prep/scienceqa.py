@@ -14,8 +14,7 @@ from pathlib import Path
 from data_prep import Source
 from data_prep.media import BAD_FIELD, image_member
 from data_prep.shards import Filtered, Sample, Skip
-from data_prep.sources import check_split, find_dir, find_files, load_json, require
-from instructblip.data.record import Record
+from data_prep.sources import check_split, find_dir, find_files, load_json, multiple_choice
 from instructblip.errors import DataError
 
 SPLITS = ("train", "val", "test", "trainval", "minitrain", "minival", "minitest")
@@ -45,25 +44,11 @@ def _items(dataset, split, pids, problems, folder: Path):
         if not row.get("image"):
             yield Filtered(NO_IMAGE)
             continue
-        problem = require(row, ["question", "choices", "answer"])
-        if not problem and not (isinstance(row["answer"], int) and 0 <= row["answer"] < len(row["choices"])):
-            problem = f"answer {row['answer']!r} is not an index into {len(row['choices'])} choices"
-        if problem:
-            yield Skip(pid, BAD_FIELD, problem)
+        record = multiple_choice(dataset, split, pid, row, context=(row.get("hint") or "").strip() or None,
+                                 extra={key: row.get(key) for key in EXTRA})
+        if isinstance(record, str):
+            yield Skip(pid, BAD_FIELD, record)
             continue
-        record = Record(
-            dataset=dataset,
-            task="mc",
-            id=pid,
-            split=split,
-            image_id=pid,
-            question=row["question"],
-            choices=list(row["choices"]),
-            answer_index=row["answer"],
-            answers=[row["choices"][row["answer"]]],
-            context=(row.get("hint") or "").strip() or None,
-            extra={key: row.get(key) for key in EXTRA},
-        )
         # the problem's own split folder (trainval/mini* splits list pids of train/val/test)
         path = folder / (row.get("split") or split) / pid / row["image"]
         yield Sample(record, lambda path=path: image_member(path))

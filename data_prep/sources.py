@@ -97,6 +97,21 @@ def require(row: dict, keys: Sequence[str]) -> str | None:
     return f"missing field(s) {missing}" if missing else None
 
 
+def multiple_choice(dataset: str, split: str, pid: str, row: dict, **fields):
+    """The Record of a multiple-choice problem laid out as IconQA and ScienceQA lay theirs out (``question``,
+    ``choices``, ``answer`` = the index of the correct choice), or a string saying what is wrong with the row."""
+    from instructblip.data.record import Record
+
+    problem = require(row, ["question", "choices", "answer"])
+    if problem:
+        return problem
+    answer, choices = row["answer"], row["choices"]
+    if not (isinstance(answer, int) and isinstance(choices, list) and 0 <= answer < len(choices)):
+        return f"answer {answer!r} is not an index into {len(choices)} choices"
+    return Record(dataset=dataset, task="mc", id=pid, split=split, image_id=pid, question=row["question"],
+                  choices=list(choices), answer_index=answer, answers=[choices[answer]], **fields)
+
+
 def media_root(src: Path, images: str | Path | None) -> Path:
     """Where the official image (or video) folders sit: ``images=`` when given (e.g. a shared COCO root holding
     train2014/, val2014/, train2017/ ...), else ``src``."""
