@@ -106,3 +106,22 @@ def tiny_checkpoint(tmp_path_factory):
     from instructblip.testing import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_eval") / "llama", "llama")
+
+
+@pytest.fixture
+def run_app(monkeypatch, capsys):
+    """Run a console script's Hydra app in this process: ``run_app(main, name, *overrides) -> (exit code, stdout,
+    stderr)``."""
+    import sys
+
+    def run(main, name: str, *overrides: str):
+        monkeypatch.setattr(sys, "argv", [name, *overrides])
+        code = 0
+        try:
+            main()
+        except SystemExit as stop:
+            code = stop.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

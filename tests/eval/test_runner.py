@@ -16,17 +16,6 @@ GENERATION = "generation.short={num_beams:1,max_new_tokens:3,min_new_tokens:1}"
 BATCH_SIZE = 2
 
 
-def run_cli(monkeypatch, capsys, *overrides):
-    monkeypatch.setattr(sys, "argv", ["instructblip-eval", *overrides])
-    code = 0
-    try:
-        eval_cli.main()
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, eval_shards, tiny_checkpoint, fixture_datasets):
     """One uninterrupted instructblip-eval run over every fixture dataset, with the W&B logger (offline)."""
@@ -109,15 +98,15 @@ def test_resumed_run_gives_the_same_predictions(full_run, eval_shards, tiny_chec
     assert result.score == pytest.approx(full["score"]) and result.n == fixture_datasets[1]
 
 
-def test_bad_settings_fail_with_one_line(monkeypatch, capsys, eval_shards, tiny_checkpoint, tmp_path):
+def test_bad_settings_fail_with_one_line(run_app, eval_shards, tiny_checkpoint, tmp_path):
     common = [f"hydra.run.dir={tmp_path}", f"output_dir={tmp_path}", f"shards={eval_shards}", "progress=false"]
-    code, _, err = run_cli(monkeypatch, capsys, *common, f"checkpoint={tiny_checkpoint}", "benchmarks=[coco_gqa]")
+    code, _, err = run_app(eval_cli.main, "instructblip-eval", *common, f"checkpoint={tiny_checkpoint}", "benchmarks=[coco_gqa]")
     assert code == 2 and "unknown dataset 'coco_gqa'; known datasets:" in err
-    code, _, err = run_cli(monkeypatch, capsys, *common)
+    code, _, err = run_app(eval_cli.main, "instructblip-eval", *common)
     assert code == 2 and "checkpoint= is required" in err
-    code, _, err = run_cli(monkeypatch, capsys, *common, f"checkpoint={tiny_checkpoint}", "benchmarks=[ivqa]")
+    code, _, err = run_app(eval_cli.main, "instructblip-eval", *common, f"checkpoint={tiny_checkpoint}", "benchmarks=[ivqa]")
     assert code == 2 and "no shards for ivqa split 'test'" in err and len(err.strip().splitlines()) == 1
-    code, _, err = run_cli(monkeypatch, capsys, *common, f"checkpoint={tiny_checkpoint}", "paper_model=gpt4")
+    code, _, err = run_app(eval_cli.main, "instructblip-eval", *common, f"checkpoint={tiny_checkpoint}", "paper_model=gpt4")
     assert code == 2 and "paper_model='gpt4'; allowed: flant5xl" in err
 
 

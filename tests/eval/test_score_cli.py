@@ -17,18 +17,6 @@ def write_jsonl(path, rows):
     return path
 
 
-def run_score(monkeypatch, capsys, *overrides):
-    """Run the Hydra app in this process; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["instructblip-score", *overrides])
-    code = 0
-    try:
-        score.main()
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_subprocess_last_line_is_the_json_result(tmp_path):
     path = write_jsonl(tmp_path / "vqa.jsonl", [
         {"id": 1, "prediction": "Two", "references": ["2"] * 10},
@@ -61,9 +49,9 @@ def test_subprocess_last_line_is_the_json_result(tmp_path):
                    {"id": "img2", "prediction": "a cat", "references": ["a cat sits"]}], None),
     ],
 )
-def test_each_line_format(tmp_path, monkeypatch, capsys, metric, rows, expected):
+def test_each_line_format(tmp_path, run_app, metric, rows, expected):
     path = write_jsonl(tmp_path / "p.jsonl", rows + [rows[0]])  # a repeated id is dropped
-    code, out, err = run_score(monkeypatch, capsys, f"metric={metric}", f"predictions={path}")
+    code, out, err = run_app(score.main, "instructblip-score", f"metric={metric}", f"predictions={path}")
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert result["metric"] == metric and result["n"] == len(rows)
@@ -91,18 +79,18 @@ def test_each_line_format(tmp_path, monkeypatch, capsys, metric, rows, expected)
         ("bleu", '{"id": 1}\n', "unknown metric 'bleu'; known metrics: vqa_accuracy, cider, accuracy"),
     ],
 )
-def test_bad_files_give_one_clear_line(tmp_path, monkeypatch, capsys, metric, content, message):
+def test_bad_files_give_one_clear_line(tmp_path, run_app, metric, content, message):
     path = tmp_path / "p.jsonl"
     path.write_text(content)
-    code, out, err = run_score(monkeypatch, capsys, f"metric={metric}", f"predictions={path}")
+    code, out, err = run_app(score.main, "instructblip-score", f"metric={metric}", f"predictions={path}")
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and message in err, err
 
 
-def test_missing_file_and_missing_keys(tmp_path, monkeypatch, capsys):
-    code, _, err = run_score(monkeypatch, capsys, "metric=cider", f"predictions={tmp_path / 'nope.jsonl'}")
+def test_missing_file_and_missing_keys(tmp_path, run_app):
+    code, _, err = run_app(score.main, "instructblip-score", "metric=cider", f"predictions={tmp_path / 'nope.jsonl'}")
     assert code == 2 and "nope.jsonl: no such predictions file" in err
-    code, _, err = run_score(monkeypatch, capsys, "metric=cider")
+    code, _, err = run_app(score.main, "instructblip-score", "metric=cider")
     assert code == 2 and "predictions= is required" in err
-    code, _, err = run_score(monkeypatch, capsys, "metric=cider", "predictions=x.jsonl", "k=5")
+    code, _, err = run_app(score.main, "instructblip-score", "metric=cider", "predictions=x.jsonl", "k=5")
     assert code == 2 and "unknown setting 'k'; allowed: metric, predictions, rule, normalize" in err
