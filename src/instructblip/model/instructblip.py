@@ -159,20 +159,30 @@ class InstructBlip(nn.Module):
 
     def encode_images(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Projected query outputs (B, T*Q, D_llm); a video (B, T, 3, H, W) runs the Q-Former per frame with the same
-        instruction and concatenates the frames' queries frame-major."""
-        frames = pixel_values.shape[1] if pixel_values.dim() == 5 else None
+        instruction and concatenates the frames' queries frame-major.
+
+        ``image_features`` replaces ``pixel_values`` with the frozen trunk's precomputed output, (B, tokens, width)
+        or (B, T, tokens, width) (``instructblip.data.features``); ``ln_vision`` still runs, it trains."""
+        if (pixel_values is None) == (image_features is None):
+            raise ValueError("give exactly one of pixel_values and image_features")
+        images = pixel_values if image_features is None else image_features
+        frames = images.shape[1] if images.dim() == (5 if image_features is None else 4) else None
         if frames is not None:
-            pixel_values = pixel_values.flatten(0, 1)
+            images = images.flatten(0, 1)
             if qformer_input_ids is not None:
                 qformer_input_ids = qformer_input_ids.repeat_interleave(frames, dim=0)
             if qformer_attention_mask is not None:
                 qformer_attention_mask = qformer_attention_mask.repeat_interleave(frames, dim=0)
-        queries = self.query_outputs(pixel_values, qformer_input_ids, qformer_attention_mask)
+        if image_features is None:
+            queries = self.query_outputs(images, qformer_input_ids, qformer_attention_mask)
+        else:
+            queries = self.query_outputs(None, qformer_input_ids, qformer_attention_mask, image_features=images)
         visual = self.projection(queries)
         if frames is not None:
             visual = visual.reshape(-1, frames * visual.shape[1], visual.shape[2])
@@ -180,12 +190,16 @@ class InstructBlip(nn.Module):
 
     def query_outputs(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The Q-Former's query positions (N, Q, hidden) for images (N, 3, H, W)."""
-        image_embeds = self.vision(pixel_values)
+        """The Q-Former's query positions (N, Q, hidden) for images (N, 3, H, W) or their trunk features."""
+        if image_features is None:
+            image_embeds = self.vision(pixel_values)
+        else:  # the trunk ran ahead of time; ln_vision runs here, in its own precision as in VisionEncoder
+            image_embeds = self.vision.ln_vision(image_features.to(self.vision.ln_vision.weight))
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         if not self.config.instruction_aware:
             qformer_input_ids = qformer_attention_mask = None
@@ -198,8 +212,8 @@ class InstructBlip(nn.Module):
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
@@ -207,13 +221,17 @@ class InstructBlip(nn.Module):
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         return_logits: bool = True,
+        image_features: torch.Tensor | None = None,
     ) -> InstructBlipOutput:
         """Loss (token mean over the answer tokens and EOS) and logits (decoder-only: over ``[visual; text]``).
 
         ``return_logits=False`` (training, with ``labels``): the loss and the per-row losses without the full logits
         (the LM head runs on the labelled positions only, see ``LanguageModel.label_loss``); same loss.
+        ``image_features`` (precomputed trunk output, see ``encode_images``) stands in for ``pixel_values``.
         """
-        visual = self.encode_images(pixel_values, qformer_input_ids, qformer_attention_mask)
+        if input_ids is None:
+            raise ValueError("forward needs input_ids (the LLM text tokens)")
+        visual = self.encode_images(pixel_values, qformer_input_ids, qformer_attention_mask, image_features)
         if not return_logits and labels is not None:
             loss, per_sample = self.llm.label_loss(
                 visual,
