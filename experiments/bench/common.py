@@ -107,8 +107,15 @@ class Pair:
     config: object  # the transformers InstructBlipConfig
 
 
-def build_pair(size: str, llm: str, device: str, seed: int = 0) -> Pair:
-    """Both implementations with identical weights, frozen parts frozen (and in bf16 on CUDA) on ``device``."""
+def build_pair(size: str, llm: str, device: str, seed: int = 0, share_llm: bool = True) -> Pair:
+    """Both implementations with identical weights, frozen parts frozen (and in bf16 on CUDA) on ``device``.
+
+    ``share_llm``: ours runs transformers' own (frozen) LLM module object, so a 7B pair costs one LLM, not two,
+    and builds in seconds. A side that compiles the model in place (``instructblip.train.parallelize
+    .compile_blocks``) needs ``share_llm=False``: ours then gets its own copy of the same weights.
+    """
+    import copy
+
     from transformers import InstructBlipForConditionalGeneration
 
     from instructblip.checkpoint.hf import build_from_hf
@@ -124,10 +131,13 @@ def build_pair(size: str, llm: str, device: str, seed: int = 0) -> Pair:
         theirs.vision_model.to(torch.bfloat16)
         theirs.vision_model.post_layernorm.float()
         theirs.language_model.to(torch.bfloat16)
-    # Same weights into ours (through the CPU, half the bytes once the towers are bf16; ours' dtype policy casts
-    # the frozen towers back to the same bf16 values on CUDA).
-    state = {k: v.detach().to("cpu") for k, v in theirs.state_dict().items()}
-    ours = build_from_hf(config.to_dict(), state, device=device)
+    # The same weights into ours, copied on the device (ours trains its own Q-Former, so nothing trainable is
+    # shared); the LLM is transformers' module itself, or a copy of it.
+    state = {
+        k: v.detach().clone() for k, v in theirs.state_dict().items() if not k.startswith("language_model.")
+    }
+    language_model = theirs.language_model if share_llm else copy.deepcopy(theirs.language_model)
+    ours = build_from_hf(config.to_dict(), state, device=device, language_model=language_model)
     del state
     return Pair(theirs=theirs, ours=ours, config=config)
 

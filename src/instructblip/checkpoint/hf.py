@@ -340,11 +340,15 @@ def build_from_hf(
     source: str = "checkpoint",
     device: str | torch.device | None = None,
     ln_vision_eps: float | None = None,
+    language_model=None,
     **overrides,
 ):
     """``InstructBlip`` from a transformers config dict + state dict with Hugging Face names (+ our processor).
 
     ``ln_vision_eps`` replaces the eps transformers uses for ``post_layernorm`` (LAVIS' own ``ln_vision`` has 1e-5).
+    ``language_model``: an already built transformers LLM to use as it is (its weights shared, not copied; the
+    state's ``language_model.*`` entries are then not needed): the benchmarks build both implementations around one
+    7B LLM this way instead of materialising a second copy.
 
     The LLM is built by transformers' own ``from_pretrained`` (no random init, real rotary buffers); the rest on
     the meta device and filled with ``load_state_dict(assign=True)``.
@@ -371,15 +375,18 @@ def build_from_hf(
     if not config.instruction_aware:  # the ablation has no text branch: the checkpoint's one is not used
         rest = {k: v for k, v in rest.items() if not _is_text_branch(k)}
 
-    llm_config = text_config_from_dict(config.llm)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # no "weights not initialised" chatter for the LLM half of the file
-    try:
-        hf_model = llm_class(llm_config).from_pretrained(
-            None, config=llm_config, state_dict=llm_state, dtype=torch.float32
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    if language_model is not None:
+        hf_model = language_model
+    else:
+        llm_config = text_config_from_dict(config.llm)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # no "weights not initialised" chatter for the LLM half of the file
+        try:
+            hf_model = llm_class(llm_config).from_pretrained(
+                None, config=llm_config, state_dict=llm_state, dtype=torch.float32
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
     with torch.device("meta"):
         model = InstructBlip(config, language_model=LanguageModel(config.llm, hf_model=hf_model))
     result = model.load_state_dict(rest, strict=False, assign=True)

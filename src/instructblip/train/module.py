@@ -104,6 +104,7 @@ class InstructBlipModule(pl.LightningModule):
         max_consecutive_nonfinite: int = 5,
         validation: dict | None = None,
         parallelize: Callable | None = None,
+        compile: bool | str = False,
     ):
         super().__init__()
         self.model_factory = model
@@ -114,6 +115,8 @@ class InstructBlipModule(pl.LightningModule):
         self.max_consecutive_nonfinite = int(max_consecutive_nonfinite)
         self.validation_settings = dict(validation or {})
         self.parallelize_fn = parallelize
+        # True: inductor; a string names another torch.compile backend ("aot_eager" checks the wrapping on a CPU)
+        self.compile_backend = ("inductor" if compile is True else compile) or None
         self.model: nn.Module | None = None
         self.processor = None
         self.trainable_names: list[str] = []
@@ -151,6 +154,10 @@ class InstructBlipModule(pl.LightningModule):
                 from instructblip.train.parallelize import parallelize
 
                 self.parallelize_fn = parallelize
+        if self.compile_backend:
+            from instructblip.train.parallelize import compile_blocks
+
+            compile_blocks(self.model, backend=self.compile_backend)
         if self.parallelize_fn is not None:
             self.parallelize_fn(self.model, self.trainer)
         self.train()  # from_pretrained hands the model over in eval mode; what trains needs its dropout
