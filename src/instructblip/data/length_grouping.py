@@ -77,12 +77,17 @@ def pack_first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
-    """The training sampler's layout (micro-batch ``b`` of rank ``r`` from the global sample indices of global batch
-    ``b``) with the indices of each window of ``window_batches`` global batches regrouped by ``length_of(g)``.
+    """The training sampler's layout (micro-batch ``b`` of rank ``r`` is micro-batch ``m = b * world_size + r`` of
+    the global stream, which holds the global sample indices ``[m * batch_size, (m + 1) * batch_size)``) with the
+    indices of each window of ``window_batches`` consecutive micro-batches of that stream regrouped by
+    ``length_of(g)``.
 
-    The regrouping is a pure function of the window (``length_of`` must be a pure function of ``g``, e.g. the
-    expected length of the dataset the mixture draws for ``g``), so every rank computes the same grouping and a run
-    resumed at micro-batch ``start`` sees the batches it would have seen.
+    The window is counted in micro-batches of the global stream, not per rank, so the grouping does not depend on
+    the world size: one process accumulating ``world_size`` micro-batches per step sees exactly the batches that
+    the ranks see together. The regrouping is a pure function of the window (``length_of`` must be a pure function
+    of ``g``, e.g. the text length of the sample the mixture draws for ``g``), so every rank computes the same
+    grouping and a run resumed at micro-batch ``start`` sees the batches it would have seen. The last window stops
+    at the end of the run (``start + num_batches`` micro-batches per rank), so every index of the run is used once.
     """
 
     def __init__(
@@ -96,25 +101,31 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         window_batches: int = 64,
         seed: int = 0,
     ):
+        if window_batches < 1:
+            raise ValueError(f"window_batches={window_batches} must be >= 1")
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.start, self.num_batches = start, num_batches
         self.length_of, self.window_batches, self.seed = length_of, window_batches, seed
 
     def __len__(self) -> int:
-        return self.num_batches
+        # The whole epoch, the batches already consumed included (as GlobalBatchSampler: Lightning counts a resumed
+        # run's progress as already fetched).
+        return self.start + self.num_batches
 
     def _window(self, window_index: int) -> list[list[int]]:
-        """The window's micro-batches in global order: global batch k holds world_size consecutive micro-batches."""
-        first = window_index * self.window_batches * self.batch_size * self.world_size
-        indices = range(first, first + self.window_batches * self.batch_size * self.world_size)
-        lengths = [self.length_of(g) for g in indices]
+        """The window's micro-batches in the order of the global stream."""
+        end_of_run = (self.start + self.num_batches) * self.world_size  # micro-batches of the global stream
+        first_batch = window_index * self.window_batches
+        count = min(self.window_batches, end_of_run - first_batch)
+        first = first_batch * self.batch_size
+        lengths = [self.length_of(g) for g in range(first, first + count * self.batch_size)]
         grouped = length_grouped_batches(lengths, self.batch_size, len(lengths), seed=self.seed + window_index)
         return [[first + i for i in batch] for batch in grouped]
 
     def __iter__(self) -> Iterator[list[int]]:
         cached: tuple[int, list[list[int]]] | None = None
         for b in range(self.start, self.start + self.num_batches):
-            window_index, offset = divmod(b, self.window_batches)
+            window_index, offset = divmod(b * self.world_size + self.rank, self.window_batches)
             if cached is None or cached[0] != window_index:
                 cached = (window_index, self._window(window_index))
-            yield cached[1][offset * self.world_size + self.rank]
+            yield cached[1][offset]

@@ -12,12 +12,19 @@ that the ranks see together, and resuming is restarting the sampler at the saved
 Random access into the tar shards comes from one pass over their headers (:class:`ShardIndex`); the bytes are read
 with a seek, so no shard is ever decoded just to be skipped. A record that cannot be read or decoded is skipped,
 counted per reason, and replaced by the next draw for the same ``g``.
+
+Two speed options keep all of the above. ``group_by_length``: the micro-batches of a window of the global stream are
+regrouped so that samples of similar text length share a batch (``LengthGroupedBatchSampler``; the length of ``g`` is
+the text of its first draw, read from the record alone), which cuts the padding of mixed VQA/LLaVA batches.
+``image_features``: the frozen trunk's output, precomputed by ``instructblip.data.features``, is read instead of
+decoding and transforming the images, and the batch carries ``image_features`` instead of ``pixel_values``.
 """
 
 from __future__ import annotations
 
 import glob
 import itertools
+import json
 import os
 import random
 import tarfile
@@ -82,7 +89,11 @@ class ShardIndex:
     def key(self, i: int) -> str:
         return self.entries[i][1]
 
-    def read(self, i: int) -> dict[str, bytes]:
+    def shard_id(self, i: int) -> int:
+        return self.entries[i][0]
+
+    def read(self, i: int, only: Sequence[str] | None = None) -> dict[str, bytes]:
+        """The members of sample ``i`` (``only``: just these extensions, e.g. the ``json`` without the image)."""
         if os.getpid() != self._pid:  # a forked DataLoader worker must not share file offsets with its parent
             self._handles, self._pid = {}, os.getpid()
         shard_id, _, members = self.entries[i]
@@ -91,6 +102,8 @@ class ShardIndex:
             handle = self._handles[shard_id] = open(self.shards[shard_id], "rb")
         out = {}
         for ext, (offset, size) in members.items():
+            if only is not None and ext not in only:
+                continue
             handle.seek(offset)
             out[ext] = handle.read(size)
         out["__key__"], out["__url__"] = self.entries[i][1], self.shards[shard_id]
@@ -112,6 +125,11 @@ class MixtureSamples(Dataset):
     target); ``None`` means the record has nothing for this stage (counted as ``missing_field``). Decoding and
     the skip counts are the data pipeline's (:class:`~instructblip.data.shards.ExampleDecoder`,
     :class:`~instructblip.data.shards.SkipCounter`, shared with the DataLoader workers).
+
+    ``features`` (:class:`~instructblip.data.features.ImageFeatures`): only the record is read and decoded, and the
+    example carries the stored trunk features (``image_features``) instead of the image; a sample without stored
+    features (its image was corrupt when they were written) is skipped as a corrupt image is on the pixel path, so
+    both paths draw the same samples.
     """
 
     def __init__(
@@ -122,6 +140,7 @@ class MixtureSamples(Dataset):
         seed: int,
         length: int,
         counters: dict[str, Any],
+        features: Any | None = None,
     ):
         from instructblip.data.shards import ExampleDecoder
 
@@ -133,35 +152,95 @@ class MixtureSamples(Dataset):
         self.length = int(length)
         self.counters = counters
         self.decoders = {name: ExampleDecoder(counters[name], require_target=True) for name in self.names}
+        self.features = features
 
     def __len__(self) -> int:
         return self.length
 
+    def _draw(self, g: int, attempt: int) -> tuple[random.Random, str, int]:
+        rng = random.Random(derive_seed("train", self.seed, int(g), attempt))
+        name = rng.choices(self.names, cum_weights=self.cumulative)[0]
+        return rng, name, rng.randrange(len(self.indexes[name]))
+
+    def text_length(self, g: int) -> int:
+        """Characters of instruction + target of the first draw for ``g``, from its record alone (no image read):
+        the length that length-grouped batching sorts by. 0 when that draw is unusable (the loader redraws it)."""
+        rng, name, position = self._draw(g, 0)
+        try:
+            record = _parse_record(self.indexes[name].read(position, only=("json",)).get("json"))
+            example = self.to_example(record, rng) if record is not None else None
+        except (OSError, ValueError, TypeError):
+            return 0
+        return len(example["instruction"]) + len(example["target"]) if example else 0
+
     def __getitem__(self, g: int) -> dict:
         for attempt in range(MAX_REDRAWS):
-            rng = random.Random(derive_seed("train", self.seed, int(g), attempt))
-            name = rng.choices(self.names, cum_weights=self.cumulative)[0]
+            rng, name, position = self._draw(g, attempt)
             index = self.indexes[name]
-            position = rng.randrange(len(index))
             try:
-                members = index.read(position)
+                members = index.read(position, only=("json",) if self.features is not None else None)
             except OSError as error:
                 self.counters[name].add("unreadable_shard", f"{index.where(position)}: {error}")
                 continue
-            decoded = self.decoders[name](members)
-            if decoded is None:
-                continue
-            example = self.to_example(decoded.record, rng)
-            if example is None:
-                self.counters[name].add("missing_field", f"{index.where(position)}: nothing to train on")
-                continue
-            images = decoded.images if decoded.record.task == "video_qa" or len(decoded.images) > 1 else decoded.images[0]
-            example.update(image=images, dataset=name, index=int(g))
+            if self.features is not None:
+                example = self._with_features(name, index, position, members, rng)
+                if example is None:
+                    continue
+            else:
+                decoded = self.decoders[name](members)
+                if decoded is None:
+                    continue
+                example = self.to_example(decoded.record, rng)
+                if example is None:
+                    self.counters[name].add("missing_field", f"{index.where(position)}: nothing to train on")
+                    continue
+                images = decoded.images if decoded.record.task == "video_qa" or len(decoded.images) > 1 else decoded.images[0]
+                example.update(image=images)
+            example.update(dataset=name, index=int(g))
             return example
         raise DataError(
             f"sample {g}: {MAX_REDRAWS} draws in a row were unusable; the shards of {self.names} look broken "
             f"(skips so far: { {n: c.counts() for n, c in self.counters.items()} })"
         )
+
+    def _with_features(self, name: str, index: ShardIndex, position: int, members: dict, rng) -> dict | None:
+        """The example of a record with its stored trunk features, or None (counted) as the pixel path skips."""
+        from instructblip.data.templates import missing_fields
+
+        counter, where = self.counters[name], index.where(position)
+        raw = members.get("json")
+        if raw is None:
+            counter.add("missing_json", where)
+            return None
+        try:
+            record = _parse_record(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            counter.add("bad_json", f"{where}: {error}")
+            return None
+        except (ValueError, TypeError) as error:
+            counter.add("missing_field" if "lacks required" in str(error) else "bad_record", f"{where}: {error}")
+            return None
+        missing = missing_fields(record, need_target=True)
+        if missing:
+            counter.add("missing_field", f"{where}: task {record.task!r} needs {', '.join(missing)}")
+            return None
+        features = self.features.get(name, index.shard_id(position), index.key(position))
+        if features is None:
+            counter.add("bad_image", f"{where}: no stored features (its image was skipped when they were written)")
+            return None
+        example = self.to_example(record, rng)
+        if example is None:
+            counter.add("missing_field", f"{where}: nothing to train on")
+            return None
+        example["image_features"] = features if record.task == "video_qa" or features.shape[0] > 1 else features[0]
+        return example
+
+
+def _parse_record(raw: bytes | None):
+    """The shard record from its JSON member (None when there is none); raises ValueError/TypeError if invalid."""
+    from instructblip.data.record import Record
+
+    return None if raw is None else Record.from_json(raw)
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -195,20 +274,25 @@ class InstructionCollate:
     """A list of examples -> the model batch (through the model's processor) plus bookkeeping.
 
     The image augmentation runs under a torch seed derived from the first sample's global index, so the batch is
-    the same whichever worker builds it and whether or not the run was resumed.
+    the same whichever worker builds it and whether or not the run was resumed. Examples that carry stored trunk
+    features give ``image_features`` (B, [T,] tokens, width) instead of ``pixel_values``.
     """
 
     def __init__(self, processor, seed: int, train: bool = True):
         self.processor, self.seed, self.train = processor, seed, train
 
     def __call__(self, examples: list[dict]) -> dict:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(position_seed(self.seed, examples[0]["index"]))
-            batch = self.processor.training_batch(
-                [e["image"] for e in examples], [e["instruction"] for e in examples],
-                [e["target"] for e in examples], train_transform=self.train,
-            )
-        batch = dict(batch)
+        instructions, targets = [e["instruction"] for e in examples], [e["target"] for e in examples]
+        if "image_features" in examples[0]:
+            batch = dict(self.processor.training_batch(None, instructions, targets))
+            batch["image_features"] = torch.stack([e["image_features"] for e in examples])
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(position_seed(self.seed, examples[0]["index"]))
+                batch = self.processor.training_batch(
+                    [e["image"] for e in examples], instructions, targets, train_transform=self.train,
+                )
+            batch = dict(batch)
         batch["dataset"] = [e["dataset"] for e in examples]
         batch["sample_index"] = torch.tensor([e["index"] for e in examples])
         return batch
@@ -264,6 +348,12 @@ class InstructBlipDataModule(pl.LightningDataModule):
     ``instruction`` (templates) or ``caption`` (BLIP-2 pretraining); ``collate``: ``instruction`` or ``caption``
     (stage 1, Q-Former text only). ``generate``: when set, the generated shards are written there first (the smoke
     run, the tests). The processor is the model's, taken from the LightningModule.
+
+    ``group_by_length``: length-grouped micro-batches (windows of ``length_window_batches`` micro-batches of the
+    global stream, see :class:`~instructblip.data.length_grouping.LengthGroupedBatchSampler`); the same samples,
+    the same mixture, the same resume and DDP layout, less padding. ``image_features``: a directory written by
+    ``python -m instructblip.data.features`` for these training shards; needs ``augment=false`` and the
+    ``instruction`` collate.
     """
 
     def __init__(
@@ -283,8 +373,21 @@ class InstructBlipDataModule(pl.LightningDataModule):
         generate: dict | None = None,
         max_text_length: int = 32,
         augment: bool = True,
+        group_by_length: bool = False,
+        length_window_batches: int = 64,
+        image_features: str | None = None,
     ):
         super().__init__()
+        if image_features and augment:
+            raise ConfigError(
+                "data.image_features is set but data.augment=true: the stored features are of un-augmented images; "
+                "set data.augment=false or data.image_features=null"
+            )
+        if image_features and collate != "instruction":
+            raise ConfigError(f"data.image_features needs data.collate=instruction, got {collate!r} (stage 1 "
+                              "trains on pixel_values)")
+        if int(length_window_batches) < 1:
+            raise ConfigError(f"data.length_window_batches={length_window_batches}; must be >= 1")
         if examples not in EXAMPLE_BUILDERS:
             raise ConfigError(f"data.examples={examples!r}; allowed: {', '.join(sorted(EXAMPLE_BUILDERS))}")
         if collate not in ("instruction", "caption"):
@@ -302,6 +405,9 @@ class InstructBlipDataModule(pl.LightningDataModule):
         self.generate, self.max_text_length = generate, max_text_length
         # augment=False: no random crop/flip (ShapesWorld, whose answers name left/right and positions)
         self.augment = bool(augment)
+        self.group_by_length, self.length_window_batches = bool(group_by_length), int(length_window_batches)
+        self.image_features_dir = str(image_features) if image_features else None
+        self.features = None
         self.batches_consumed = 0  # micro-batches of the global group already trained on (restored on resume)
         self.indexes: dict[str, ShardIndex] = {}
         self.val_indexes: dict[str, ShardIndex] = {}
@@ -348,6 +454,10 @@ class InstructBlipDataModule(pl.LightningDataModule):
             adjustments=adjustments or None, weights=self.weights,
         )
         self.skip_counters = {name: SkipCounter(name) for name in self.indexes}
+        if self.image_features_dir:
+            from instructblip.data.features import ImageFeatures
+
+            self.features = ImageFeatures(self.image_features_dir, self.indexes)
         self.val_indexes = {
             name: self.indexes[name] if spec == self.dataset_specs.get(name)
             else ShardIndex(expand_shards(spec, f"data.val_datasets.{name}"))
@@ -378,8 +488,19 @@ class InstructBlipDataModule(pl.LightningDataModule):
         samples = MixtureSamples(
             self.indexes, self.probabilities, EXAMPLE_BUILDERS[self.examples], self.seed,
             length=(self.batches_consumed + remaining) * global_batch, counters=self.skip_counters,
+            features=self.features,
         )
-        sampler = GlobalBatchSampler(self.batch_size, rank, world_size, self.batches_consumed, remaining)
+        if self.features is not None:
+            self.features.check_model(self.trainer.lightning_module.model)
+        if self.group_by_length:
+            from instructblip.data.length_grouping import LengthGroupedBatchSampler
+
+            sampler = LengthGroupedBatchSampler(
+                self.batch_size, rank, world_size, self.batches_consumed, remaining, length_of=samples.text_length,
+                window_batches=self.length_window_batches, seed=self.seed,
+            )
+        else:
+            sampler = GlobalBatchSampler(self.batch_size, rank, world_size, self.batches_consumed, remaining)
         collate = (
             CaptionCollate(self.processor, self.seed, self.max_text_length, train=self.augment)
             if self.collate == "caption" else InstructionCollate(self.processor, self.seed, train=self.augment)

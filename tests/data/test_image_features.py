@@ -1,0 +1,157 @@
+"""Precomputed image features (``instructblip.data.features`` + ``data.image_features``): the command writes the
+frozen trunk's output per shard, skipping and counting a corrupt image; the training loader reads it back; the loss
+is the pixel path's; bad combinations are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+SEED = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from instructblip import InstructBlip
+    from instructblip.testing import make_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny") / "checkpoint"
+    make_tiny_checkpoint(path, "llama")
+    model = InstructBlip.from_pretrained(str(path), dtype_policy="float32")
+    return path, model.eval()
+
+
+@pytest.fixture()
+def vqa_shards(shards) -> str:
+    """Two shards of VQA samples; the second holds one sample whose JPEG is cut short (corrupt)."""
+    paths = shards.dataset("vqav2", num_shards=1, per_shard=4)
+    records = [shards.vqa_record("vqav2", 10 + i) for i in range(3)]
+    samples = [shards.sample(r) for r in records]
+    samples[1]["jpg"] = samples[1]["jpg"][:40]
+    paths.append(shards.write("vqav2-train-000001.tar", samples))
+    return str(Path(paths[0]).parent / "vqav2-train-*.tar")
+
+
+def datamodule(shard_glob: str, model, features: str | None, steps: int = 6):
+    from instructblip.train.data import InstructBlipDataModule
+
+    module = InstructBlipDataModule(datasets={"vqav2": shard_glob}, batch_size=2, seed=SEED, augment=False,
+                                    image_features=features)
+    module.trainer = SimpleNamespace(global_rank=0, world_size=1, accumulate_grad_batches=1, max_steps=steps,
+                                     lightning_module=SimpleNamespace(processor=model.processor, model=model))
+    module.setup()
+    return module
+
+
+def test_written_features_are_the_trunk_output_and_the_corrupt_image_is_counted(tiny_model, vqa_shards, tmp_path):
+    from instructblip.data.features import ImageFeatures, write_features
+    from instructblip.data.shards import ExampleDecoder, SkipCounter
+    from instructblip.train.data import ShardIndex, expand_shards
+
+    _, model = tiny_model
+    summary = write_features(model, {"vqav2": vqa_shards}, tmp_path / "features", batch_size=3, dtype="float32",
+                             progress=False)
+    assert summary == {"vqav2": {"written": 6, "skipped": 1, "bad_image": 1, "shards_done_before": 0}}
+    assert sorted(p.name for p in (tmp_path / "features" / "vqav2").iterdir()) == [
+        "vqav2-train-000000.safetensors", "vqav2-train-000001.safetensors"]
+
+    index = ShardIndex(expand_shards(vqa_shards, "test"))
+    stored = ImageFeatures(tmp_path / "features", {"vqav2": index})
+    tokens, width = model.config.vision.num_tokens, model.vision.width
+    assert (stored.tokens, stored.width) == (tokens, width)
+    decoder = ExampleDecoder(SkipCounter())
+    for i in range(len(index)):
+        features = stored.get("vqav2", index.shard_id(i), index.key(i))
+        decoded = decoder(index.read(i))
+        if decoded is None:  # the corrupt one
+            assert features is None and index.key(i) == "vqav2_11"
+            continue
+        pixels = model.processor.pixel_values(decoded.images)
+        with torch.no_grad():
+            expected = model.vision.trunk.forward_features(pixels)
+        assert features.shape == (1, tokens, width) and features.dtype == torch.float32
+        torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+
+    # a second run finds every shard done and writes nothing
+    again = write_features(model, {"vqav2": vqa_shards}, tmp_path / "features", dtype="float32", progress=False)
+    assert again["vqav2"]["shards_done_before"] == 2 and again["vqav2"]["written"] == 0
+
+
+def test_loader_yields_features_and_the_loss_equals_the_pixel_loss(tiny_model, vqa_shards, tmp_path):
+    from instructblip.data.features import write_features
+
+    _, model = tiny_model
+    write_features(model, {"vqav2": vqa_shards}, tmp_path / "features", dtype="float32", progress=False)
+    with_pixels = datamodule(vqa_shards, model, None)
+    with_features = datamodule(vqa_shards, model, str(tmp_path / "features"))
+    pixel_batches = list(with_pixels.train_dataloader())
+    feature_batches = list(with_features.train_dataloader())
+    assert len(pixel_batches) == len(feature_batches) == 6
+    # the same draws: the corrupt sample is skipped (and counted) on both paths
+    assert with_pixels.skip_counts()["vqav2"]["bad_image"] == with_features.skip_counts()["vqav2"]["bad_image"] > 0
+    model.train()
+    try:
+        for pixels, features in zip(pixel_batches, feature_batches):
+            assert "pixel_values" not in features and features["image_features"].shape[1:] == (
+                model.config.vision.num_tokens, model.vision.width)
+            assert torch.equal(pixels["sample_index"], features["sample_index"])
+            assert torch.equal(pixels["input_ids"], features["input_ids"])
+            losses = []
+            for batch in (pixels, features):
+                inputs = {k: v for k, v in batch.items() if k not in ("dataset", "sample_index")}
+                torch.manual_seed(0)  # dropout
+                losses.append(model(**inputs, return_logits=False).loss)
+            torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    finally:
+        model.eval()
+
+
+def test_the_command_writes_and_prints_its_summary(tiny_model, vqa_shards, tmp_path, monkeypatch, capsys):
+    from instructblip.data import features
+
+    checkpoint, _ = tiny_model
+    out = tmp_path / "cli"
+    monkeypatch.setattr(sys, "argv", ["features", f"checkpoint={checkpoint}", f"out={out}",
+                                      f"datasets={{vqav2: '{vqa_shards}'}}", "progress=false", "device=cpu"])
+    features.main()
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["vqav2"]["written"] == 6 and summary["vqav2"]["bad_image"] == 1
+    assert len(list((out / "vqav2").glob("*.safetensors"))) == 2
+
+
+def test_features_with_augmentation_or_another_tower_are_refused(tiny_model, vqa_shards, tmp_path):
+    from safetensors.torch import save_file
+
+    from instructblip.errors import ConfigError
+    from instructblip.train.data import InstructBlipDataModule
+
+    with pytest.raises(ConfigError, match=r"data\.image_features is set but data\.augment=true"):
+        InstructBlipDataModule(datasets={"vqav2": vqa_shards}, batch_size=2, image_features=str(tmp_path))
+    # features of a wider tower, in the real file format
+    _, model = tiny_model
+    for shard in ("vqav2-train-000000", "vqav2-train-000001"):
+        path = tmp_path / "wide" / "vqav2" / f"{shard}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"vqav2_0": torch.zeros(1, 5, 48)}, str(path), metadata={"tokens": "5", "width": "48",
+                                                                         "image_size": "28"})
+    module = datamodule(vqa_shards, model, str(tmp_path / "wide"))
+    with pytest.raises(ConfigError, match=r"data\.image_features=.*width=48.*model\.vision.*width=32"):
+        module.train_dataloader()
+
+
+def test_config_composes_with_image_features(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+    from hydra.utils import instantiate
+    from train_helpers import compose
+
+    cfg = compose(["data.image_features=/features", "data.augment=false"], tmp_path)
+    module = instantiate(cfg.data)
+    assert module.image_features_dir == "/features" and module.augment is False
+    assert compose([], tmp_path).data.image_features is None
+    with pytest.raises(Exception, match=r"data\.augment"):
+        instantiate(compose(["data.image_features=/features"], tmp_path).data)
