@@ -45,6 +45,9 @@ class InstructBlipConfig:
     ``image_token_index`` (the ``<image>`` id in the LLM vocabulary), kept for export and exact generation parity.
     ``dtype_policy``: ``auto`` = frozen parts in bf16 and trained parts in fp32 on CUDA, all fp32 on CPU;
     ``float32``/``bfloat16`` = everything in that dtype.
+    Training speed options (they change no result): ``pack_sequences`` packs the samples of a training batch
+    without padding before the LLM (decoder-only LLMs only, see ``packing.py``); ``activation_checkpointing``
+    recomputes the Q-Former's and the LLM's layer activations in the backward pass instead of keeping them.
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -57,6 +60,8 @@ class InstructBlipConfig:
     freeze_qformer: bool = False
     image_token_id: int | None = None
     dtype_policy: str = "auto"
+    pack_sequences: bool = False
+    activation_checkpointing: bool = False
 
     def __post_init__(self):
         if not isinstance(self.vision, VisionConfig):
@@ -123,6 +128,14 @@ class InstructBlip(nn.Module):
         self.llm = language_model if language_model is not None else LanguageModel(config.llm)
         self.projection = nn.Linear(qformer_config.hidden_size, self.llm.hidden_size)
         self.processor = None
+        if config.pack_sequences and self.llm.kind != DECODER_ONLY:
+            raise ConfigError(
+                f"pack_sequences=true needs a decoder-only LLM; this one ({config.llm['model_type']}) is an "
+                "encoder-decoder: set pack_sequences=false"
+            )
+        if config.activation_checkpointing:
+            self.qformer.activation_checkpointing = True
+            self.llm.checkpoint_layers()
         self.apply_freezing()
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -226,7 +239,8 @@ class InstructBlip(nn.Module):
         """Loss (token mean over the answer tokens and EOS) and logits (decoder-only: over ``[visual; text]``).
 
         ``return_logits=False`` (training, with ``labels``): the loss and the per-row losses without the full logits
-        (the LM head runs on the labelled positions only, see ``LanguageModel.label_loss``); same loss.
+        (the LM head runs on the labelled positions only, see ``LanguageModel.label_loss``), on the samples packed
+        without padding when ``config.pack_sequences``; same loss.
         ``image_features`` (precomputed trunk output, see ``encode_images``) stands in for ``pixel_values``.
         """
         if input_ids is None:
@@ -240,6 +254,7 @@ class InstructBlip(nn.Module):
                 labels.to(visual.device),
                 decoder_input_ids=decoder_input_ids,
                 decoder_attention_mask=decoder_attention_mask,
+                pack_sequences=self.config.pack_sequences,
             )
             return InstructBlipOutput(loss=loss, logits=None, per_sample_loss=per_sample)
         logits, loss = self.llm(

@@ -13,8 +13,9 @@ Layouts (Q = number of visual tokens, T*num_query_tokens for video):
 Training does not need the logits, only the loss: ``label_loss`` runs the decoder-only LM body and applies the LM
 head to the positions that carry a label (the answer tokens and EOS, a small fraction of ``[visual; text]``), so
 the vocabulary projection and the fp32 cross-entropy cost answer-length work instead of sequence-length work.
-Greedy decoding goes through the lean loops of ``decoding.py``; the other generation modes through transformers'
-``generate``.
+With ``pack_sequences`` (decoder-only, training) the samples are packed without padding first (``packing.py``).
+Greedy decoding and beam search go through the lean loops of ``decoding.py``; sampling (and several returned
+sequences) through transformers' ``generate``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from instructblip.errors import ConfigError
-from instructblip.model import decoding
+from instructblip.model import decoding, packing
 
 DECODER_ONLY = "decoder_only"
 ENCODER_DECODER = "encoder_decoder"
@@ -145,36 +146,74 @@ class LanguageModel(nn.Module):
         labels: torch.Tensor,
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        pack_sequences: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(token-mean loss, per-row token-mean loss) without the full logits where the LM head allows it.
 
         The same numbers as ``forward``'s loss (and a per-row mean for the per-dataset logs; 0 for a row without
         labels). Decoder-only LMs whose head is a plain linear map get it applied only at the labelled positions;
         the others (T5, heads with logit soft-capping or scaling) compute the full logits first.
+        ``pack_sequences`` (decoder-only): the LLM runs on the samples packed without padding (``packing.py``).
         """
-        if self.kind == DECODER_ONLY and self._plain_lm_head():
+        if self.kind == DECODER_ONLY:
             inputs_embeds, mask = self.embed_with_visual(visual, input_ids, attention_mask)
-            body = self.hf_model.base_model(inputs_embeds=inputs_embeds, attention_mask=mask, use_cache=False)
-            targets = torch.cat([labels.new_full(visual.shape[:2], -100), labels], dim=1)[:, 1:]
+            # position t predicts token t+1: the targets are the labels shifted left, -100 on the visual tokens
+            ignore = labels.new_full(visual.shape[:2], -100)
+            targets = torch.cat([ignore[:, 1:], labels, labels.new_full((labels.shape[0], 1), -100)], dim=1)
+            rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)
+            llm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": mask}
+            if pack_sequences:
+                packed = packing.pack(inputs_embeds, mask, targets, one_row=self._flash_attention())
+                # no attention mask: transformers finds the samples from the restarting position ids
+                llm_inputs = {"inputs_embeds": packed.inputs_embeds, "position_ids": packed.position_ids}
+                targets, rows = packed.targets, packed.sample_index
             keep = targets != -100
-            logits = self.hf_model.get_output_embeddings()(body.last_hidden_state[:, :-1][keep])
+            if self._plain_lm_head():
+                body = self.hf_model.base_model(**llm_inputs, use_cache=False)
+                logits = self.hf_model.get_output_embeddings()(body.last_hidden_state[keep])
+            else:
+                logits = self.hf_model(**llm_inputs, use_cache=False).logits[keep]
             token_losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
-            rows = keep.nonzero(as_tuple=True)[0]
+            rows = rows[keep]
         else:
-            if self.kind == ENCODER_DECODER and decoder_input_ids is None:
+            if pack_sequences:
+                raise ConfigError("pack_sequences=true needs a decoder-only LLM, not an encoder-decoder (T5/FlanT5)")
+            if decoder_input_ids is None:
                 decoder_input_ids = self.hf_model._shift_right(labels)
             # labels are not passed on: the loss is computed once, here, from the token losses
             logits, _ = self.forward(
                 visual, input_ids, attention_mask, None, decoder_input_ids, decoder_attention_mask
             )
-            targets = labels
-            if self.kind == DECODER_ONLY:
-                logits = logits[:, -labels.shape[1] - 1 : -1]
-            keep = targets != -100
-            token_losses = F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
+            keep = labels != -100
+            token_losses = F.cross_entropy(logits[keep].float(), labels[keep], reduction="none")
             rows = keep.nonzero(as_tuple=True)[0]
         per_row = token_losses.new_zeros(labels.shape[0]).index_add(0, rows, token_losses)
-        return token_losses.mean(), per_row / keep.sum(dim=1).clamp_min(1)
+        labelled = torch.zeros_like(per_row).index_add(0, rows, torch.ones_like(token_losses))
+        return token_losses.mean(), per_row / labelled.clamp_min(1)
+
+    def checkpoint_layers(self) -> None:
+        """Activation checkpointing on the LLM's blocks (those transformers marks ``GradientCheckpointingLayer``):
+        each block keeps only its inputs for the backward pass and recomputes the rest there.
+
+        Not transformers' ``gradient_checkpointing_enable``: it checkpoints a block only while the block is in
+        training mode, and a frozen LLM trains in eval mode (no dropout, as in LAVIS), so it would silently do
+        nothing. torch's composable ``checkpoint`` (non-reentrant) works through module hooks in either mode and
+        leaves parameter names, state dicts and FSDP units as they are.
+        """
+        from torch.distributed._composable import checkpoint
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        blocks = [m for m in self.hf_model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if not blocks:
+            raise ConfigError(
+                f"activation_checkpointing: the {type(self.hf_model).__name__} LLM has no checkpointable blocks"
+            )
+        for block in blocks:
+            checkpoint(block)
+
+    def _flash_attention(self) -> bool:
+        """Flash attention keeps packed samples apart only when they share a single row (see ``packing.py``)."""
+        return "flash" in str(getattr(self.hf_model.config, "_attn_implementation", ""))
 
     def _plain_lm_head(self) -> bool:
         """True when logits = output_embeddings(last hidden state), with no soft-capping or scaling after it."""

@@ -23,7 +23,8 @@ Entry points (one ``QFormer.forward``, the mode chosen by its arguments):
 dict the way LAVIS does: self-attention, embeddings and the text FFN from BERT, the query FFN copied from the text
 FFN, cross-attention left freshly initialised. ``QFormerConfig.from_bert_config`` reads the matching sizes.
 
-Attention is ``torch.nn.functional.scaled_dot_product_attention``.
+Attention is ``torch.nn.functional.scaled_dot_product_attention``. With ``activation_checkpointing`` set, each layer
+keeps only its inputs for the backward pass and recomputes the rest there (``torch.utils.checkpoint``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from instructblip.errors import CheckpointError
 
@@ -216,6 +218,7 @@ class QFormer(nn.Module):
         self.config = config
         self.embeddings = QFormerEmbeddings(config)
         self.layers = nn.ModuleList(QFormerLayer(config, idx) for idx in range(config.num_layers))
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -253,7 +256,10 @@ class QFormer(nn.Module):
         if image_embeds is not None:
             image_embeds = image_embeds.to(hidden.dtype)
         for layer in self.layers:
-            hidden = layer(hidden, num_queries, mask, image_embeds)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                hidden = checkpoint(layer, hidden, num_queries, mask, image_embeds, use_reentrant=False)
+            else:
+                hidden = layer(hidden, num_queries, mask, image_embeds)
         return hidden
 
 

@@ -1,0 +1,87 @@
+"""Sequence packing for a decoder-only LLM's training forward: the padded batch's samples laid end to end.
+
+A training batch holds rows ``[Q visual] BOS instruction answer EOS PAD...`` of very different lengths (a one-word
+VQA answer beside a long conversation), so most of a padded batch can be padding. ``pack`` drops the padding and
+places each sample, its own visual tokens before its own text, into rows of ``capacity`` positions (first-fit
+decreasing over the sample lengths). Inside a row, position ids restart at 0 at each sample, and the model is
+called with ``position_ids`` and no attention mask: transformers then derives the sample boundaries from the
+restarts (``masking_utils.find_packed_sequence_indices``) and builds a block-diagonal causal mask (sdpa, eager,
+flex), or runs flash attention's variable-length kernel (flash attention detects packing only in a single row:
+``one_row=True`` puts every sample in one row). Each sample thus sees exactly what it sees in its padded row, with
+the same rotary positions, so the per-sample losses are unchanged.
+
+The positions after the last sample of a row are filled with zero embeddings whose position ids also start at 0,
+so they form a sequence of their own that no sample attends to; they carry no target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from instructblip.data.length_grouping import pack_first_fit
+
+
+@dataclass
+class PackedRows:
+    """``inputs_embeds`` (R, N, D), ``position_ids`` (R, N), ``targets`` (R, N): the next-token target of each
+    position (-100 where there is none), ``sample_index`` (R, N): the batch row each position comes from (-1 after
+    the last sample of a row)."""
+
+    inputs_embeds: torch.Tensor
+    position_ids: torch.Tensor
+    targets: torch.Tensor
+    sample_index: torch.Tensor
+
+
+def pack(
+    inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, one_row: bool = False
+) -> PackedRows:
+    """Pack right-padded rows (``attention_mask`` ones then zeros) into rows as long as the longest sample, as few
+    as first-fit decreasing finds (so no packed row is longer than a padded one, and attention with a materialised
+    mask costs no more per row); ``one_row``: all samples in a single row (flash attention's variable-length path).
+
+    ``targets`` (B, L) are per-position next-token targets of the padded layout (-100 = none); the last position
+    of each sample gets none whatever they say, since its next position belongs to another sample.
+    """
+    valid = attention_mask.bool()
+    lengths = valid.sum(dim=1)
+    positions = torch.arange(valid.shape[1], device=valid.device)
+    if not torch.equal(valid, positions < lengths[:, None]):
+        raise ValueError("packing needs right-padded rows: attention_mask must be ones followed by zeros")
+    lengths_list = lengths.tolist()
+    capacity = sum(lengths_list) if one_row else max(lengths_list)
+    rows = pack_first_fit(lengths_list, capacity)
+
+    # Where each sample starts in the packed layout: its row and its offset within the row.
+    row_of = [0] * len(lengths_list)
+    offset_of = [0] * len(lengths_list)
+    for r, members in enumerate(rows):
+        offset = 0
+        for i in members:
+            row_of[i], offset_of[i] = r, offset
+            offset += lengths_list[i]
+    device = inputs_embeds.device
+    destination_row = torch.tensor(row_of, device=device)[:, None].expand_as(valid)[valid]
+    destination_column = (torch.tensor(offset_of, device=device)[:, None] + positions)[valid]
+
+    packed_shape = (len(rows), capacity)
+    embeds = inputs_embeds.new_zeros(*packed_shape, inputs_embeds.shape[-1])
+    embeds[destination_row, destination_column] = inputs_embeds[valid]
+
+    # Positions after the last sample of a row restart at 0 too: a sequence of their own, seen by no sample.
+    used = torch.zeros(packed_shape, dtype=torch.bool, device=device)
+    used[destination_row, destination_column] = True
+    free_positions = (~used).long().cumsum(dim=1) - 1
+    position_ids = torch.where(used, 0, free_positions)
+    position_ids[destination_row, destination_column] = positions.expand_as(valid)[valid]
+
+    last_of_sample = positions == (lengths[:, None] - 1)
+    packed_targets = targets.new_full(packed_shape, -100)
+    packed_targets[destination_row, destination_column] = targets.masked_fill(last_of_sample, -100)[valid]
+    sample_index = torch.full(packed_shape, -1, dtype=torch.long, device=device)
+    sample_index[destination_row, destination_column] = torch.arange(valid.shape[0], device=device)[:, None].expand_as(
+        valid
+    )[valid]
+    return PackedRows(embeds, position_ids, packed_targets, sample_index)
