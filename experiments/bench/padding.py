@@ -1,6 +1,14 @@
 """Padding per useful token in the instruction-tuning mixture: random batches vs length-grouped batches vs packing.
 
-The LLM input of a sample is ``[32 visual] BOS instruction answer EOS``. Samples are drawn from the 13 held-in
+The LLM input of a sample is ``[32 visual] BOS instruction answer EOS``. Batchings compared:
+
+* ``random``: batches in stream order, each right-padded to its longest sample;
+* ``length_grouped``: ``instructblip.data.length_grouping.length_grouped_batches``, right-padded;
+* ``model_packing``: what the model's LLM computes with ``model.overrides.pack_sequences=true``: each random batch
+  packed into rows as long as its longest sample (``instructblip.model.packing.row_layout``, the model's own
+  layout code); ``model_packing_grouped``: the same on the length-grouped batches;
+* ``packed``: the bound, the whole stream first-fit into rows of the longest sample overall.
+ Samples are drawn from the 13 held-in
 datasets with the paper's sampling weights (sqrt of the training-set size, A-OKVQA x0.5, OK-VQA x2:
 ``instructblip.data.mixture.sampling_weights``); each dataset's instruction and answer lengths (LLaMA tokens) come
 from the length model below, the public sizes and typical lengths of each dataset (shards are not needed). Prints
@@ -20,6 +28,7 @@ from datetime import datetime, timezone
 
 from instructblip.data.length_grouping import length_grouped_batches, pack_first_fit, padding_stats
 from instructblip.data.mixture import PAPER_ADJUSTMENTS, sampling_weights
+from instructblip.model.packing import row_layout
 
 VISUAL_TOKENS = 32
 MAX_TEXT_TOKENS = 256 + 128  # the processor's answer and instruction caps (LAVIS max_output_txt_len, max_txt_len)
@@ -45,18 +54,43 @@ LENGTH_MODEL = {
 }
 
 
-def draw_lengths(samples: int, seed: int) -> tuple[list[int], dict[str, float]]:
+def draw_text_lengths(samples: int, seed: int) -> tuple[list[tuple[int, int]], dict[str, float]]:
+    """(instruction tokens, answer tokens incl. EOS) of ``samples`` draws from the mixture, and its weights."""
     sizes = {name: size for name, (size, _, _) in LENGTH_MODEL.items()}
     weights = sampling_weights(sizes, strategy="sqrt", adjustments=PAPER_ADJUSTMENTS)
     names = sorted(weights)
     rng = random.Random(seed)
-    lengths = []
+    drawn = []
     for name in rng.choices(names, weights=[weights[n] for n in names], k=samples):
         _, (inst_median, inst_spread), (ans_median, ans_spread) = LENGTH_MODEL[name]
         instruction = max(3, round(inst_median * math.exp(rng.gauss(0.0, inst_spread))))
         answer = max(2, round(ans_median * math.exp(rng.gauss(0.0, ans_spread))))
-        lengths.append(VISUAL_TOKENS + 1 + min(instruction + answer, MAX_TEXT_TOKENS))
-    return lengths, weights
+        answer = min(answer, MAX_TEXT_TOKENS - instruction)
+        drawn.append((instruction, answer))
+    return drawn, weights
+
+
+def draw_lengths(samples: int, seed: int) -> tuple[list[int], dict[str, float]]:
+    """LLM input lengths ``visual + BOS + instruction + answer`` of ``samples`` draws, and the mixture weights."""
+    drawn, weights = draw_text_lengths(samples, seed)
+    return [VISUAL_TOKENS + 1 + instruction + answer for instruction, answer in drawn], weights
+
+
+def model_packing_stats(lengths: list[int], batches: list[list[int]]) -> dict:
+    """Padding of the rows the model packs each batch into (``pack_sequences``): rows x row length - useful."""
+    useful = padded = rows = 0
+    for batch in batches:
+        batch_lengths = [lengths[i] for i in batch]
+        layout, capacity = row_layout(batch_lengths)
+        useful += sum(batch_lengths)
+        padded += len(layout) * capacity
+        rows += len(layout)
+    return dict(
+        useful_tokens=useful,
+        padding_tokens=padded - useful,
+        padding_per_useful_token=(padded - useful) / useful if useful else 0.0,
+        rows_per_batch=rows / len(batches),
+    )
 
 
 def main() -> None:
@@ -80,6 +114,8 @@ def main() -> None:
             batch=batch_size,
             random=padding_stats(lengths, random_batches),
             length_grouped=padding_stats(lengths, grouped),
+            model_packing=model_packing_stats(lengths, random_batches),
+            model_packing_grouped=model_packing_stats(lengths, grouped),
             packed=dict(**padding_stats(lengths, packed, row_capacity=capacity), row_capacity=capacity),
         )
         row["padding_reduction_grouped"] = (
@@ -88,10 +124,16 @@ def main() -> None:
         row["padding_reduction_packed"] = (
             row["random"]["padding_per_useful_token"] / max(row["packed"]["padding_per_useful_token"], 1e-12)
         )
+        row["padding_reduction_model_packing"] = (
+            row["random"]["padding_per_useful_token"]
+            / max(row["model_packing"]["padding_per_useful_token"], 1e-12)
+        )
         rows.append(row)
         print(f"batch {batch_size}: padding per useful token random "
               f"{row['random']['padding_per_useful_token']:.3f}, grouped "
-              f"{row['length_grouped']['padding_per_useful_token']:.3f}, packed "
+              f"{row['length_grouped']['padding_per_useful_token']:.3f}, model packing "
+              f"{row['model_packing']['padding_per_useful_token']:.3f} (grouped "
+              f"{row['model_packing_grouped']['padding_per_useful_token']:.3f}), packed bound "
               f"{row['packed']['padding_per_useful_token']:.3f}", file=sys.stderr)
     mean = sum(lengths) / len(lengths)
     json.dump(dict(

@@ -35,6 +35,15 @@ class PackedRows:
     sample_index: torch.Tensor
 
 
+def row_layout(lengths: list[int], one_row: bool = False) -> tuple[list[list[int]], int]:
+    """The packed rows (lists of sample indices, in row order) and the row length: rows as long as the longest
+    sample, filled first-fit decreasing, or a single row holding every sample."""
+    if one_row:
+        return [list(range(len(lengths)))], sum(lengths)
+    capacity = max(lengths)
+    return pack_first_fit(lengths, capacity), capacity
+
+
 def pack(
     inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, one_row: bool = False
 ) -> PackedRows:
@@ -51,8 +60,7 @@ def pack(
     if not torch.equal(valid, positions < lengths[:, None]):
         raise ValueError("packing needs right-padded rows: attention_mask must be ones followed by zeros")
     lengths_list = lengths.tolist()
-    capacity = sum(lengths_list) if one_row else max(lengths_list)
-    rows = pack_first_fit(lengths_list, capacity)
+    rows, capacity = row_layout(lengths_list, one_row)
 
     # Where each sample starts in the packed layout: its row and its offset within the row.
     row_of = [0] * len(lengths_list)
