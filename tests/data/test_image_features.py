@@ -155,3 +155,19 @@ def test_config_composes_with_image_features(tmp_path):
     assert compose([], tmp_path).data.image_features is None
     with pytest.raises(Exception, match=r"data\.augment"):
         instantiate(compose(["data.image_features=/features"], tmp_path).data)
+
+
+def test_video_features_give_the_video_pixel_queries(tiny_model):
+    """(B, T, tokens, width) features: the frames' queries concatenated frame-major, as (B, T, 3, H, W) pixels."""
+    _, model = tiny_model
+    size = model.config.vision.image_size
+    video = torch.randn(2, 3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    instruction = torch.tensor([[101, 2054, 102], [101, 2129, 102]])
+    with torch.no_grad():
+        features = model.vision.trunk.forward_features(video.flatten(0, 1)).unflatten(0, (2, 3))
+        from_pixels = model.encode_images(video, instruction)
+        from_features = model.encode_images(None, instruction, image_features=features)
+    assert from_features.shape == (2, 3 * model.config.num_query_tokens, model.llm.hidden_size)
+    torch.testing.assert_close(from_features, from_pixels, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="exactly one of pixel_values and image_features"):
+        model.encode_images(video, instruction, image_features=features)
