@@ -117,7 +117,8 @@ def test_the_command_writes_and_prints_its_summary(tiny_model, vqa_shards, tmp_p
     checkpoint, _ = tiny_model
     out = tmp_path / "cli"
     monkeypatch.setattr(sys, "argv", ["features", f"checkpoint={checkpoint}", f"out={out}",
-                                      f"datasets={{vqav2: '{vqa_shards}'}}", "progress=false", "device=cpu"])
+                                      f"datasets={{vqav2: '{vqa_shards}'}}", "progress=false", "device=cpu",
+                                      "num_workers=1"])  # decoding in a worker: its skip count reaches the summary
     features.main()
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["vqav2"]["written"] == 6 and summary["vqav2"]["bad_image"] == 1

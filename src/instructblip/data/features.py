@@ -17,7 +17,7 @@ is not recomputed, so an interrupted run continues where it stopped.
 Command::
 
     python -m instructblip.data.features checkpoint=DIR out=DIR datasets='{vqav2: shards/vqav2-train2014-*.tar}' \\
-        [batch_size=32] [dtype=bfloat16] [device=auto]
+        [batch_size=32] [dtype=bfloat16] [device=auto] [num_workers=4]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from instructblip.errors import ConfigError, DataError
 
@@ -48,6 +49,23 @@ def expected_geometry(model) -> tuple[int | None, int]:
     return (vision.num_tokens if vision.backbone == "eva" else None), int(model.vision.width)
 
 
+class _ShardImages(Dataset):
+    """Position ``j`` of the shards to do -> (shard id, sample key or None when skipped, eval-transformed pixels
+    (frames, 3, H, W) or None). Decoding and the transform run in the DataLoader workers."""
+
+    def __init__(self, index, decoder, processor):
+        self.index, self.decoder, self.processor = index, decoder, processor
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        decoded = self.decoder(self.index.read(i))  # a corrupt image is counted by the decoder and left out
+        if decoded is None:
+            return self.index.shard_id(i), None, None
+        return self.index.shard_id(i), self.index.key(i), self.processor.pixel_values(decoded.images, train=False)
+
+
 @torch.no_grad()
 def write_features(
     model,
@@ -55,14 +73,15 @@ def write_features(
     out: str | Path,
     batch_size: int = 32,
     dtype: str = "bfloat16",
+    num_workers: int = 0,
     progress: bool = True,
 ) -> dict[str, dict[str, int]]:
     """Run ``model``'s frozen trunk over every sample of ``datasets`` ({name: shard glob or list of globs}) and
-    write the features under ``out``. Images go through the processor's evaluation transform (no augmentation).
+    write the features under ``out``. Images go through the processor's evaluation transform (no augmentation),
+    decoded by ``num_workers`` DataLoader workers.
 
     Returns ``{dataset: {"written": n, "skipped": n, "shards_done_before": n, **skip reasons}}``.
     """
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     from instructblip.data.shards import ExampleDecoder, SkipCounter
@@ -72,65 +91,64 @@ def write_features(
         raise ConfigError(f"dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
     if model.processor is None:
         raise ConfigError("the model has no processor attached: load it with InstructBlip.from_pretrained(dir)")
-    store_dtype = getattr(torch, dtype)
     vision = model.vision
     device = vision.ln_vision.weight.device
     trunk_dtype = next(vision.trunk.parameters()).dtype
-    tokens, width = expected_geometry(model)
     summary: dict[str, dict[str, int]] = {}
     for name, spec in sorted(datasets.items()):
         shards = expand_shards(spec, f"datasets.{name}")
         targets = [features_file(out, name, shard) for shard in shards]
         if len(set(targets)) != len(targets):
             raise DataError(f"datasets.{name}: two shards share a file name; features are keyed by it ({shards})")
-        counter = SkipCounter(f"{name} (features)")
-        decoder = ExampleDecoder(counter)
-        written = 0
         todo = [(shard, target) for shard, target in zip(shards, targets) if not target.exists()]
-        done_before = len(shards) - len(todo)
-        index = ShardIndex([shard for shard, _ in todo]) if todo else None
-        bar = tqdm(total=len(index) if index else 0, desc=f"features {name}", unit="img", disable=not progress)
-        by_shard: dict[int, list[int]] = {}
-        for i, (shard_id, _, _) in enumerate(index.entries if index else []):
-            by_shard.setdefault(shard_id, []).append(i)
-        for shard_id, (shard, target) in enumerate(todo):
-            tensors: dict[str, torch.Tensor] = {}
-            positions = by_shard.get(shard_id, [])
-            for chunk_start in range(0, len(positions), batch_size):
-                keys, images, frames = [], [], []
-                for i in positions[chunk_start : chunk_start + batch_size]:
-                    decoded = decoder(index.read(i))  # a corrupt image is counted by the decoder and left out
-                    if decoded is None:
-                        continue
-                    keys.append(index.key(i))
-                    images.extend(decoded.images)
-                    frames.append(len(decoded.images))
-                if images:
-                    pixels = model.processor.pixel_values(images, train=False).to(device, trunk_dtype)
-                    features = vision._run_trunk(pixels).to(store_dtype).cpu()
-                    for key, part in zip(keys, features.split(frames)):
-                        tensors[key] = part.contiguous()
-                bar.update(len(positions[chunk_start : chunk_start + batch_size]))
-            if tokens is None and tensors:  # an open_clip tower: its token count is what it produced
-                tokens = next(iter(tensors.values())).shape[1]
-            metadata = {
-                "tokens": "" if tokens is None else str(tokens),
-                "width": str(width),
-                "dtype": dtype,
-                "backbone": model.config.vision.backbone,
-                "image_size": str(model.config.vision.image_size),
-                "shard": str(shard),
-            }
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(target.name + f".partial-{os.getpid()}")
-            save_file(tensors, str(partial), metadata=metadata)
-            os.replace(partial, target)  # whole files only: an interrupted run recomputes this shard
-            written += len(tensors)
-        bar.close()
+        counter = SkipCounter(f"{name} (features)")
+        written = 0
+        if todo:
+            index = ShardIndex([shard for shard, _ in todo])
+            loader = DataLoader(_ShardImages(index, ExampleDecoder(counter), model.processor), batch_size=batch_size,
+                                num_workers=num_workers, collate_fn=list)  # in order: shards finish one by one
+            pending: dict[int, dict[str, torch.Tensor]] = {shard_id: {} for shard_id in range(len(todo))}
+            with tqdm(total=len(index), desc=f"features {name}", unit="img", disable=not progress) as bar:
+                for items in loader:
+                    kept = [(shard_id, key, pixels) for shard_id, key, pixels in items if key is not None]
+                    if kept:
+                        frames = [pixels.shape[0] for _, _, pixels in kept]
+                        batch = torch.cat([pixels for _, _, pixels in kept]).to(device, trunk_dtype)
+                        features = vision._run_trunk(batch).to(getattr(torch, dtype)).cpu()
+                        for (shard_id, key, _), part in zip(kept, features.split(frames)):
+                            pending[shard_id][key] = part.contiguous()
+                    bar.update(len(items))
+                    for shard_id in [s for s in sorted(pending) if s < items[-1][0]]:  # shards behind are complete
+                        written += _save(pending.pop(shard_id), todo[shard_id], model, dtype)
+            for shard_id in sorted(pending):  # the last shard, and shards without samples
+                written += _save(pending.pop(shard_id), todo[shard_id], model, dtype)
         counts = counter.counts()
-        summary[name] = {"written": written, "skipped": sum(counts.values()), "shards_done_before": done_before,
-                         **{k: v for k, v in counts.items() if v}}
+        summary[name] = {"written": written, "skipped": sum(counts.values()),
+                         "shards_done_before": len(shards) - len(todo), **{k: v for k, v in counts.items() if v}}
     return summary
+
+
+def _save(tensors: dict[str, torch.Tensor], shard_and_target: tuple[str, Path], model, dtype: str) -> int:
+    """Write one shard's features whole (a temporary name, then a rename): an interrupted run recomputes it."""
+    from safetensors.torch import save_file
+
+    shard, target = shard_and_target
+    tokens, width = expected_geometry(model)
+    if tokens is None and tensors:  # an open_clip tower: its token count is what it produced
+        tokens = next(iter(tensors.values())).shape[1]
+    metadata = {
+        "tokens": "" if tokens is None else str(tokens),
+        "width": str(width),
+        "dtype": dtype,
+        "backbone": model.config.vision.backbone,
+        "image_size": str(model.config.vision.image_size),
+        "shard": str(shard),
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    save_file(tensors, str(partial), metadata=metadata)
+    os.replace(partial, target)
+    return len(tensors)
 
 
 class ImageFeatures:
@@ -212,11 +230,13 @@ class FeaturesConfig:
     batch_size: int = 32
     dtype: str = "bfloat16"
     device: str = "auto"
+    num_workers: int = 4
     progress: bool = True
 
 
 PROG = "python -m instructblip.data.features"
-USAGE = f"{PROG} checkpoint=DIR out=DIR datasets='{{name: shard glob}}' [batch_size=32] [dtype=bfloat16] [device=auto]"
+USAGE = (f"{PROG} checkpoint=DIR out=DIR datasets='{{name: shard glob}}' [batch_size=32] [dtype=bfloat16] "
+         "[device=auto] [num_workers=4]")
 
 
 def run(cfg) -> None:
@@ -233,7 +253,7 @@ def run(cfg) -> None:
     model = InstructBlip.from_pretrained(str(cfg.checkpoint), device=device)
     model.eval()
     summary = write_features(model, datasets, cfg.out, batch_size=int(cfg.batch_size), dtype=str(cfg.dtype),
-                             progress=bool(cfg.progress))
+                             num_workers=int(cfg.num_workers), progress=bool(cfg.progress))
     print(json.dumps(summary, sort_keys=True))
 
 
