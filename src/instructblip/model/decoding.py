@@ -10,7 +10,9 @@ runs its encoder once and its decoder one token a step (``greedy_encoder_decoder
 It reproduces ``generate``'s choices: position ids from the attention mask's cumulative sum (left padding), the
 penalty applied to every token id seen so far (the prompt ids when given, then the generated ones), logits in fp32
 before the processors, pad after EOS, and a stop once every row has finished or ``max_new_tokens`` are out.
-Sampling, beam search and several return sequences are left to ``generate`` (``handles`` says which calls qualify).
+``beam_search`` and ``beam_search_encoder_decoder`` do the same for beam search (``handles_beam_search`` says
+which calls qualify); see ``_BeamState`` for how they reproduce ``generate``'s choices and where they save work.
+Sampling and several return sequences are left to ``generate`` (``handles`` says which calls are plain greedy).
 
 ``cache="static"`` uses transformers' ``StaticCache`` and keeps every decode step's shapes fixed (the attention mask
 is one buffer of the final length, filled as tokens come; the cache position is passed where the model takes it),
@@ -39,16 +41,34 @@ _INACTIVE = {
 }
 
 
-def handles(model, settings: dict) -> bool:
-    """True when ``settings`` ask for plain greedy decoding the loop reproduces exactly."""
-    if set(settings) - _HANDLED:
-        return False
-    if settings.get("num_beams", 1) != 1 or settings.get("do_sample", False):
+# generation_config fields that change beam search beyond what ``beam_search`` implements, with their inactive values.
+_BEAM_INACTIVE = {
+    "num_beam_groups": (None, 1), "diversity_penalty": (None, 0, 0.0), "constraints": (None,),
+    "force_words_ids": (None,), "low_memory": (None, False), "encoder_repetition_penalty": (None, 1, 1.0),
+    "early_stopping": (None, False, True, "never"),
+}
+
+
+def _deterministic_single_sequence(model, settings: dict) -> bool:
+    if set(settings) - _HANDLED or settings.get("do_sample", False):
         return False
     if settings.get("num_return_sequences", 1) != 1 or settings.get("max_new_tokens") is None:
         return False
     config = model.generation_config
     return all(getattr(config, name, None) in inactive for name, inactive in _INACTIVE.items())
+
+
+def handles(model, settings: dict) -> bool:
+    """True when ``settings`` ask for plain greedy decoding the loop reproduces exactly."""
+    return settings.get("num_beams", 1) == 1 and _deterministic_single_sequence(model, settings)
+
+
+def handles_beam_search(model, settings: dict) -> bool:
+    """True when ``settings`` ask for beam search (one returned sequence) that ``beam_search`` reproduces exactly."""
+    if settings.get("num_beams", 1) <= 1 or not _deterministic_single_sequence(model, settings):
+        return False
+    config = model.generation_config
+    return all(getattr(config, name, None) in inactive for name, inactive in _BEAM_INACTIVE.items())
 
 
 @torch.no_grad()
@@ -159,6 +179,263 @@ def greedy_encoder_decoder(
         if chooser.all_finished():
             break
     return chooser.generated()
+
+
+@torch.no_grad()
+def beam_search(
+    model,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_ids: torch.Tensor | None,
+    *,
+    num_beams: int,
+    max_new_tokens: int,
+    eos_token_id: int | list[int],
+    pad_token_id: int | None,
+    min_new_tokens: int = 0,
+    repetition_penalty: float = 1.0,
+    length_penalty: float = 1.0,
+    cache: str = "dynamic",
+    compile: bool = False,
+    **ignored,
+) -> torch.Tensor:
+    """Beam search after the prompt ``inputs_embeds`` (left-padded, ``attention_mask``): the best hypothesis' new
+    token ids per row, (B, n <= max_new_tokens), as ``generate(num_beams=...)`` returns them.
+
+    With the dynamic cache the prompt is prefilled once per row and its cache rows are copied to the beams by the
+    first reorder (``generate`` prefills every beam: ``num_beams`` times the work for the same numbers). A static
+    cache holds a fixed number of rows, so there every beam is prefilled and the cache is reordered in place.
+    ``ignored``: settings that do not change beam search here (``do_sample=False``, ``num_return_sequences=1``).
+    """
+    from transformers import DynamicCache, StaticCache
+
+    batch, prompt_length = attention_mask.shape
+    device = inputs_embeds.device
+    parameters = inspect.signature(model.forward).parameters
+    takes_cache_position = "cache_position" in parameters
+    cache_arg = "cache" if "cache" in parameters else "past_key_values"
+
+    attention_mask = attention_mask.long()
+    positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    if cache == "static":
+        past = StaticCache(config=model.config, max_cache_len=prompt_length + max_new_tokens)
+        inputs_embeds = inputs_embeds.repeat_interleave(num_beams, dim=0)
+        positions = positions.repeat_interleave(num_beams, dim=0)
+        full_mask = attention_mask.new_zeros(batch * num_beams, prompt_length + max_new_tokens)
+        full_mask[:, :prompt_length] = attention_mask.repeat_interleave(num_beams, dim=0)
+        prefill_mask = full_mask
+    elif cache == "dynamic":
+        past = DynamicCache()
+        prefill_mask = attention_mask
+    else:
+        raise ValueError(f"cache={cache!r}; allowed: 'dynamic', 'static'")
+    state = _BeamState(
+        prompt_ids if prompt_ids is not None else attention_mask.new_zeros(batch, 0), num_beams, max_new_tokens,
+        eos_token_id, pad_token_id, min_new_tokens, repetition_penalty, length_penalty,
+        model.generation_config.early_stopping,
+    )
+    extra = {"cache_position": torch.arange(prompt_length, device=device)} if takes_cache_position else {}
+    logits = model(
+        inputs_embeds=inputs_embeds, attention_mask=prefill_mask, position_ids=positions, use_cache=True,
+        logits_to_keep=1, **{cache_arg: past}, **extra,
+    ).logits[:, -1]
+    if cache == "dynamic":  # from here on one row per beam
+        attention_mask = attention_mask.repeat_interleave(num_beams, dim=0)
+        positions = positions.repeat_interleave(num_beams, dim=0)
+    step = _compiled_forward(model) if compile else model
+    for index in range(max_new_tokens):
+        chosen = state.step(logits)
+        if chosen is None:
+            break
+        source_rows, token = chosen
+        if cache == "static":
+            _reorder_in_place(past, source_rows)
+            full_mask[:, prompt_length + index] = 1
+            attention_mask = full_mask
+        else:
+            past.reorder_cache(source_rows)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        if takes_cache_position:
+            extra = {"cache_position": torch.tensor([prompt_length + index], device=device)}
+        logits = step(
+            input_ids=token[:, None], attention_mask=attention_mask, position_ids=positions, use_cache=True,
+            logits_to_keep=1, **{cache_arg: past}, **extra,
+        ).logits[:, -1]
+    return state.best()
+
+
+@torch.no_grad()
+def beam_search_encoder_decoder(
+    model,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    num_beams: int,
+    max_new_tokens: int,
+    eos_token_id: int | list[int],
+    pad_token_id: int | None,
+    min_new_tokens: int = 0,
+    repetition_penalty: float = 1.0,
+    length_penalty: float = 1.0,
+    **ignored,
+) -> torch.Tensor:
+    """Beam search for T5-style models: the encoder and the first decoder step run once per row (the beams start
+    alike), then one decoder row per beam. Returns the best hypothesis' new ids without the start token."""
+    from transformers import DynamicCache, EncoderDecoderCache
+    from transformers.modeling_outputs import BaseModelOutput
+
+    batch = inputs_embeds.shape[0]
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    encoded = model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+    past = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    start = model.generation_config.decoder_start_token_id
+    start = model.config.decoder_start_token_id if start is None else start
+    token = attention_mask.new_full((batch,), start, dtype=torch.long)
+    state = _BeamState(
+        token[:, None], num_beams, max_new_tokens, eos_token_id, pad_token_id, min_new_tokens, repetition_penalty,
+        length_penalty, model.generation_config.early_stopping,
+    )
+    encoder_outputs = BaseModelOutput(last_hidden_state=encoded)
+    for index in range(max_new_tokens):
+        logits = model(
+            encoder_outputs=encoder_outputs, attention_mask=attention_mask, decoder_input_ids=token[:, None],
+            use_cache=True, **{cache_arg: past},
+        ).logits[:, -1]
+        chosen = state.step(logits)
+        if chosen is None:
+            break
+        source_rows, token = chosen
+        if index == 0:  # one row per beam from here on; the cross-attention cache too
+            past.reorder_cache(source_rows)
+            encoder_outputs = BaseModelOutput(last_hidden_state=encoded.repeat_interleave(num_beams, dim=0))
+            attention_mask = attention_mask.repeat_interleave(num_beams, dim=0)
+        else:  # the cross-attention rows are equal within a sample: only the decoder's own cache moves
+            past.self_attention_cache.reorder_cache(source_rows)
+    return state.best()
+
+
+class _BeamState:
+    """generate()'s beam search bookkeeping, in batched tensor ops over (batch, beams, ...).
+
+    Per step, as ``generate`` does: fp32 log-softmax of the logits, then the processors on the log-probabilities
+    (repetition penalty over every id the beam has seen, EOS at -inf until ``min_new_tokens``); the running beam
+    scores added; the top ``max(2, 1 + #EOS) * beams`` continuations of each sample (so that enough stay open when
+    the best ones end); those ending in EOS (and all of them at ``max_new_tokens``) among the first ``beams`` join
+    the finished hypotheses with score / length ** ``length_penalty`` (the best ``beams`` are kept), the others
+    carry on (the best ``beams`` not ending). A sample stops taking hypotheses once its best running score, at the
+    length the ``early_stopping`` mode assumes, cannot beat its worst finished one; the search stops when no sample
+    can improve (or, with ``early_stopping=True``, when every sample holds ``beams`` finished hypotheses).
+
+    Unlike ``generate``, which carries every continuation's whole sequence through each step, the finished merge
+    looks at the first ``beams`` continuations only (the others can never finish), the token histories hold the new
+    tokens only, and there is one host synchronisation per step (the stop test).
+    """
+
+    def __init__(
+        self, prompt_ids: torch.Tensor, num_beams: int, max_new_tokens: int, eos_token_id, pad_token_id,
+        min_new_tokens: int, repetition_penalty: float, length_penalty: float, early_stopping,
+    ):
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        device = prompt_ids.device
+        self.batch, self.beams, self.max_new_tokens = prompt_ids.shape[0], num_beams, max_new_tokens
+        self.min_new_tokens, self.penalty, self.length_penalty = min_new_tokens, repetition_penalty, length_penalty
+        self.early_stopping = early_stopping
+        self.eos = torch.tensor(eos, device=device)
+        self.candidates = max(2, 1 + len(eos)) * num_beams
+        # generate fills the tails with the pad id, or with the first EOS id when the pad id is missing or 0
+        fill = pad_token_id if pad_token_id else eos[0]
+        self.prompt_ids = prompt_ids
+        self.prompt_ids_per_beam = prompt_ids.repeat_interleave(num_beams, dim=0)
+        self.running_tokens = torch.full((self.batch, num_beams, max_new_tokens), fill, device=device)
+        # only the first beam of a sample is live at the start: the beams would otherwise pick the same tokens
+        self.running_scores = torch.zeros(self.batch, num_beams, device=device)
+        self.running_scores[:, 1:] = -1.0e9
+        self.finished_tokens = self.running_tokens.clone()
+        self.finished_scores = torch.full((self.batch, num_beams), -1.0e9, device=device)
+        self.finished = torch.zeros(self.batch, num_beams, dtype=torch.bool, device=device)
+        self.finished_lengths = torch.zeros(self.batch, num_beams, dtype=torch.long, device=device)
+        self.improvable = torch.ones(self.batch, 1, dtype=torch.bool, device=device)
+        self.sample_index = torch.arange(self.batch, device=device)[:, None]
+        self.generated = 0
+
+    def step(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Takes the next-token logits, one row per sample (the first step after a shared prefill) or per beam.
+        Returns the cache row each new beam continues and its new token, both (batch * beams,), or None when the
+        search is over."""
+        rows, vocab = logits.shape
+        length = self.generated
+        log_probs = torch.log_softmax(logits.to(torch.float32), dim=-1)
+        if self.penalty != 1.0:
+            seen = self.prompt_ids if rows == self.batch else self.prompt_ids_per_beam
+            if length:
+                seen = torch.cat([seen, self.running_tokens.view(rows, -1)[:, :length]], dim=1)
+            if seen.shape[1]:
+                picked = log_probs.gather(1, seen)
+                log_probs.scatter_(1, seen, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
+        if length < self.min_new_tokens:
+            log_probs[:, self.eos] = -float("inf")
+        # (batch, beams * vocab), beam-major as generate lays it out (so that ties break alike)
+        scores = (log_probs.view(self.batch, -1, vocab) + self.running_scores[:, :, None]).view(self.batch, -1)
+        top_scores, top_index = scores.topk(self.candidates)
+        parent, token = top_index // vocab, top_index % vocab
+        ends = torch.isin(token, self.eos)
+        if length + 1 == self.max_new_tokens:
+            ends = torch.ones_like(ends)
+        self._finish(top_scores[:, : self.beams], parent[:, : self.beams], token[:, : self.beams],
+                     ends[:, : self.beams], length)
+
+        open_scores = top_scores + ends.to(torch.float32) * -1.0e9
+        keep = open_scores.topk(self.beams).indices
+        self.running_scores = open_scores.gather(1, keep)
+        parent, token = parent.gather(1, keep), token.gather(1, keep)
+        self.running_tokens = self._extend(parent, token, length)
+        self.generated = length + 1
+
+        hypothetical = self.max_new_tokens if self.early_stopping == "never" and self.length_penalty > 0 else length + 1
+        best_running = self.running_scores[:, :1] / (hypothetical ** self.length_penalty)
+        worst_finished = torch.where(self.finished, self.finished_scores.min(dim=1, keepdim=True).values, -1.0e9)
+        self.improvable &= (best_running > worst_finished).any(dim=1, keepdim=True)
+        going = self.improvable.any() & ~ends.all()
+        if self.early_stopping is True:
+            going &= ~self.finished.all()
+        if not bool(going):
+            return None
+        source_rows = self.sample_index.expand(-1, self.beams) if rows == self.batch else parent + self.sample_index * self.beams
+        return source_rows.reshape(-1), token.reshape(-1)
+
+    def _extend(self, parent: torch.Tensor, token: torch.Tensor, length: int) -> torch.Tensor:
+        """The running histories of ``parent`` (batch, k) with ``token`` appended at ``length``."""
+        tokens = self.running_tokens.gather(1, parent[:, :, None].expand(-1, -1, self.max_new_tokens))
+        tokens[:, :, length] = token
+        return tokens
+
+    def _finish(self, scores, parent, token, ends, length: int) -> None:
+        """Merges the continuations that end now into the best ``beams`` finished hypotheses of each sample."""
+        admitted = ends & self.improvable
+        if self.early_stopping is True:
+            admitted &= ~self.finished.all(dim=1, keepdim=True)
+        scores = torch.where(admitted, scores / ((length + 1) ** self.length_penalty), -1.0e9)
+        merged_scores = torch.cat([self.finished_scores, scores], dim=1)
+        best = merged_scores.topk(self.beams).indices
+        self.finished_scores = merged_scores.gather(1, best)
+        self.finished = torch.cat([self.finished, admitted], dim=1).gather(1, best)
+        lengths = torch.cat([self.finished_lengths, torch.full_like(self.finished_lengths, length + 1)], dim=1)
+        self.finished_lengths = lengths.gather(1, best)
+        merged_tokens = torch.cat([self.finished_tokens, self._extend(parent, token, length)], dim=1)
+        self.finished_tokens = merged_tokens.gather(1, best[:, :, None].expand(-1, -1, self.max_new_tokens))
+
+    def best(self) -> torch.Tensor:
+        """The best finished hypothesis of each sample, cut after the longest of them."""
+        return self.finished_tokens[:, 0, : int(self.finished_lengths[:, 0].max())]
+
+
+def _reorder_in_place(cache, rows: torch.Tensor) -> None:
+    """Beam reorder of a static cache that keeps its tensors (a compiled step holds their addresses)."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None:
+            layer.keys.copy_(layer.keys.index_select(0, rows))
+            layer.values.copy_(layer.values.index_select(0, rows))
 
 
 class _GreedyChooser:

@@ -249,9 +249,16 @@ class LanguageModel(nn.Module):
                     self.hf_model, inputs_embeds, mask, inputs.get("input_ids"), **generate_kwargs,
                     **self.decoding_options,
                 )
+            if decoding.handles_beam_search(self.hf_model, generate_kwargs):
+                return decoding.beam_search(
+                    self.hf_model, inputs_embeds, mask, inputs.get("input_ids"), **generate_kwargs,
+                    **self.decoding_options,
+                )
             return self.hf_model.generate(**inputs, **generate_kwargs)[:, prompt_length:]
         if decoding.handles(self.hf_model, generate_kwargs):
             return decoding.greedy_encoder_decoder(self.hf_model, inputs_embeds, mask, **generate_kwargs)
+        if decoding.handles_beam_search(self.hf_model, generate_kwargs):
+            return decoding.beam_search_encoder_decoder(self.hf_model, inputs_embeds, mask, **generate_kwargs)
         return self.hf_model.generate(**inputs, **generate_kwargs)[:, 1:]
 
     def candidate_log_likelihoods(
