@@ -329,7 +329,8 @@ class _BeamState:
 
     Unlike ``generate``, which carries every continuation's whole sequence through each step, the finished merge
     looks at the first ``beams`` continuations only (the others can never finish), the token histories hold the new
-    tokens only, and there is one host synchronisation per step (the stop test).
+    tokens only, and a step in which no continuation ends skips the merge and the stop test (one host
+    synchronisation per step: "did any continuation end?").
     """
 
     def __init__(
@@ -356,6 +357,7 @@ class _BeamState:
         self.finished = torch.zeros(self.batch, num_beams, dtype=torch.bool, device=device)
         self.finished_lengths = torch.zeros(self.batch, num_beams, dtype=torch.long, device=device)
         self.improvable = torch.ones(self.batch, 1, dtype=torch.bool, device=device)
+        self.some_finished = False  # until then no sample can have stopped improving
         self.sample_index = torch.arange(self.batch, device=device)[:, None]
         self.generated = 0
 
@@ -374,34 +376,45 @@ class _BeamState:
                 picked = log_probs.gather(1, seen)
                 log_probs.scatter_(1, seen, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
         if length < self.min_new_tokens:
-            log_probs[:, self.eos] = -float("inf")
+            log_probs.index_fill_(1, self.eos, -float("inf"))
         # (batch, beams * vocab), beam-major as generate lays it out (so that ties break alike)
         scores = (log_probs.view(self.batch, -1, vocab) + self.running_scores[:, :, None]).view(self.batch, -1)
         top_scores, top_index = scores.topk(self.candidates)
-        parent, token = top_index // vocab, top_index % vocab
-        ends = torch.isin(token, self.eos)
-        if length + 1 == self.max_new_tokens:
-            ends = torch.ones_like(ends)
-        self._finish(top_scores[:, : self.beams], parent[:, : self.beams], token[:, : self.beams],
-                     ends[:, : self.beams], length)
-
-        open_scores = top_scores + ends.to(torch.float32) * -1.0e9
-        keep = open_scores.topk(self.beams).indices
-        self.running_scores = open_scores.gather(1, keep)
+        parent = torch.div(top_index, vocab, rounding_mode="floor")
+        token = top_index - parent * vocab
+        last = length + 1 == self.max_new_tokens
+        ends = torch.ones_like(token, dtype=torch.bool) if last else torch.isin(token, self.eos)
+        # The step's one host synchronisation. Without an ending continuation there is nothing to merge or to mask,
+        # and while no hypothesis has finished every sample can still improve: the bookkeeping below is skipped.
+        any_end = last or bool(ends.any())
+        if any_end:
+            self._finish(top_scores[:, : self.beams], parent[:, : self.beams], token[:, : self.beams],
+                         ends[:, : self.beams], length)
+            if last:
+                return None
+            top_scores = top_scores + ends.to(torch.float32) * -1.0e9  # the continuations that ended stop here
+        keep = top_scores.topk(self.beams).indices
+        self.running_scores = top_scores.gather(1, keep)
         parent, token = parent.gather(1, keep), token.gather(1, keep)
         self.running_tokens = self._extend(parent, token, length)
         self.generated = length + 1
-
-        hypothetical = self.max_new_tokens if self.early_stopping == "never" and self.length_penalty > 0 else length + 1
-        best_running = self.running_scores[:, :1] / (hypothetical ** self.length_penalty)
-        worst_finished = torch.where(self.finished, self.finished_scores.min(dim=1, keepdim=True).values, -1.0e9)
-        self.improvable &= (best_running > worst_finished).any(dim=1, keepdim=True)
-        going = self.improvable.any() & ~ends.all()
-        if self.early_stopping is True:
-            going &= ~self.finished.all()
-        if not bool(going):
-            return None
-        source_rows = self.sample_index.expand(-1, self.beams) if rows == self.batch else parent + self.sample_index * self.beams
+        if self.some_finished:
+            if self.early_stopping == "never" and self.length_penalty > 0:
+                hypothetical = self.max_new_tokens
+            else:
+                hypothetical = length + 1
+            best_running = self.running_scores[:, :1] / (hypothetical ** self.length_penalty)
+            worst_finished = torch.where(self.finished, self.finished_scores.min(dim=1, keepdim=True).values, -1.0e9)
+            self.improvable &= (best_running > worst_finished).any(dim=1, keepdim=True)
+            going = self.improvable.any()
+            if self.early_stopping is True:
+                going &= ~self.finished.all()
+            if not bool(going):
+                return None
+        if rows == self.batch:
+            source_rows = self.sample_index.expand(-1, self.beams)
+        else:
+            source_rows = parent + self.sample_index * self.beams
         return source_rows.reshape(-1), token.reshape(-1)
 
     def _extend(self, parent: torch.Tensor, token: torch.Tensor, length: int) -> torch.Tensor:
@@ -424,6 +437,7 @@ class _BeamState:
         self.finished_lengths = lengths.gather(1, best)
         merged_tokens = torch.cat([self.finished_tokens, self._extend(parent, token, length)], dim=1)
         self.finished_tokens = merged_tokens.gather(1, best[:, :, None].expand(-1, -1, self.max_new_tokens))
+        self.some_finished = True
 
     def best(self) -> torch.Tensor:
         """The best finished hypothesis of each sample, cut after the longest of them."""
