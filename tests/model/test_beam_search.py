@@ -19,7 +19,7 @@ from instructblip.testing import to_transformers_batch
 
 from conftest import PROMPTS  # noqa: E402  (tests/model/conftest.py)
 
-MAX_NEW = 8
+MAX_NEW = 6
 
 
 def _final_norm(language_model):
