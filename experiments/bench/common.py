@@ -159,10 +159,11 @@ def synthetic_batch(config, batch: int, qformer_len: int, prompt_len: int, answe
     queries = config.num_query_tokens
     size = config.vision_config.image_size
     text_len = max(prompt_len - queries, 1)
+    high = min(vocab - 2, config.image_token_index)  # a random id must never be the <image> placeholder
     pixel_values = torch.randn(batch, 3, size, size, generator=g)
     qformer_ids = torch.randint(1000, 30000, (batch, qformer_len), generator=g)
     if config.use_decoder_only_language_model:
-        ids = torch.randint(3, vocab - 2, (batch, text_len + answer_len), generator=g)
+        ids = torch.randint(3, high, (batch, text_len + answer_len), generator=g)
         labels = ids.clone()
         labels[:, :text_len] = -100
         ours = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
@@ -173,8 +174,8 @@ def synthetic_batch(config, batch: int, qformer_len: int, prompt_len: int, answe
             labels=torch.cat([torch.full_like(image_ids, -100), labels], 1),
         )
     else:
-        ids = torch.randint(3, vocab - 2, (batch, text_len), generator=g)
-        labels = torch.randint(3, vocab - 2, (batch, answer_len), generator=g)
+        ids = torch.randint(3, high, (batch, text_len), generator=g)
+        labels = torch.randint(3, high, (batch, answer_len), generator=g)
         ours = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
         image_ids = torch.full((batch, queries), config.image_token_index)
         theirs = dict(

