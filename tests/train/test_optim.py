@@ -39,3 +39,20 @@ def test_linear_warmup_from_warmup_lr_then_cosine_to_min_lr():
     restored = warmup_cosine(adamw([("w", nn.Parameter(torch.zeros(2, 2)))], lr=1e-5), 100, 10, 1e-8)
     restored.load_state_dict(schedule.state_dict())
     assert restored.get_last_lr() == schedule.get_last_lr()
+
+
+def test_adamw_takes_the_fused_kernel_on_plain_tensors_and_steps_like_the_loop():
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = adamw(models[0].named_parameters(), lr=1e-2)
+    loop = adamw(models[1].named_parameters(), lr=1e-2, fused=False)
+    assert fused.defaults["fused"] is True and not loop.defaults["fused"]
+    ids = torch.tensor([[1, 2, 3]])
+    for model, optimizer in zip(models, (fused, loop)):
+        for _ in range(3):
+            model(ids).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

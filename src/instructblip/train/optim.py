@@ -40,9 +40,24 @@ def adamw(
     eps: float = 1e-8,
     fused: bool | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, with LAVIS' weight-decay grouping."""
+    """AdamW over the trainable parameters, with LAVIS' weight-decay grouping.
+
+    ``fused=None`` takes torch's fused kernel wherever it applies (plain floating-point tensors on a CPU or a GPU):
+    one pass over all parameters instead of a loop of small ops per tensor. On a CPU that is what makes the step
+    cheap: the Q-Former's trainable word embeddings alone are 30522 rows (measured at the tiny size: 3.3 ms against
+    21 ms per step). FSDP's sharded DTensors keep torch's default.
+    """
     groups = decay_groups(named_parameters, weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+    if fused is None:
+        params = [p for group in groups for p in group["params"]]
+        fused = bool(params) and all(_fusable(p) for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+
+
+def _fusable(param: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return param.is_floating_point() and param.device.type in ("cpu", "cuda") and not isinstance(param, DTensor)
 
 
 def warmup_cosine(
