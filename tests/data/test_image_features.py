@@ -143,6 +143,13 @@ def test_features_with_augmentation_or_another_tower_are_refused(tiny_model, vqa
     module = datamodule(vqa_shards, model, str(tmp_path / "wide"))
     with pytest.raises(ConfigError, match=r"data\.image_features=.*width=48.*model\.vision.*width=32"):
         module.train_dataloader()
+    # a trunk that trains changes its output every step: stored features would silently freeze it
+    model.vision.trunk.requires_grad_(True)
+    try:
+        with pytest.raises(ConfigError, match=r"data\.image_features=.*vision trunk \(vision\.trunk\) trains"):
+            module.train_dataloader()
+    finally:
+        model.vision.trunk.requires_grad_(False)
 
 
 def test_config_composes_with_image_features(tmp_path):

@@ -193,7 +193,12 @@ class ImageFeatures:
         self._pid = os.getpid()
 
     def check_model(self, model) -> None:
-        """One-line error when the stored features do not fit ``model``'s vision trunk."""
+        """One-line error when the stored features do not fit ``model``'s vision trunk, or when the trunk trains."""
+        if any(p.requires_grad for p in model.vision.trunk.parameters()):
+            raise ConfigError(
+                f"data.image_features={self.root}: the model's vision trunk (vision.trunk) trains in this stage, so "
+                "its output changes every step; set data.image_features=null or freeze it (stage.trainable)"
+            )
         tokens, width = expected_geometry(model)
         if (self.width, self.tokens if tokens is not None else None) != (width, tokens):
             raise ConfigError(
