@@ -38,10 +38,11 @@ def train_table(result: dict) -> list[str]:
 
 def generate_table(result: dict) -> list[str]:
     names = list(result["rows"][0]["sides"])
+    basis = "wall" if result.get("environment", {}).get("card") else "CPU time"
     lines = [f"**Generation, {result['new_tokens']} new tokens, size `{result['size']}`, {result['llm']}** "
              f"({_env(result)})", "",
              "| batch | mode | " + " | ".join(f"{n} (tokens/s)" for n in names)
-             + " | ours / transformers (CPU time) | (wall) | identical ids |",
+             + f" | ours / transformers ({basis}) | (wall) | identical ids |",
              "|" + "---|" * (len(names) + 5)]
     for row in result["rows"]:
         cells = [f"{row['sides'][n]['tokens_per_s']:.1f}" if n in row["sides"] else "" for n in names]
