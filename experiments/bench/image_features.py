@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_device_flags, build_pair, emit, environment, setup_device, synthetic_batch, time_sides  # noqa: E402
+from common import (  # noqa: E402
+    add_device_flags, build_pair, emit, environment, setup_device, synthetic_batch, time_sides,
+)
 
 
 def make_step(model, batch: dict, device: str):

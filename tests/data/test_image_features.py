@@ -161,8 +161,12 @@ def test_config_composes_with_image_features(tmp_path):
     module = instantiate(cfg.data)
     assert module.image_features_dir == "/features" and module.augment is False
     assert compose([], tmp_path).data.image_features is None
-    with pytest.raises(Exception, match=r"data\.augment"):
-        instantiate(compose(["data.image_features=/features"], tmp_path).data)
+    from instructblip.errors import ConfigError
+    from instructblip.train.validate import check_config
+
+    with pytest.raises(ConfigError, match=r"data\.image_features is set but data\.augment=true"):
+        check_config(compose(["data.image_features=/features"], tmp_path))  # before anything is built: one line
+    check_config(compose(["data.image_features=/features", "data.augment=false"], tmp_path))
 
 
 def test_video_features_give_the_video_pixel_queries(tiny_model):

@@ -56,7 +56,8 @@ def test_every_sample_once_same_mixture_less_padding(shard_globs, processor):
     assert dataset_of(grouped) == dataset_of(plain)
     # each window of WINDOW micro-batches holds the same samples as the plain loader's, only regrouped
     for start in range(0, 16, WINDOW):
-        assert sorted(sum(indices(grouped)[start:start + WINDOW], [])) == sorted(sum(indices(plain)[start:start + WINDOW], []))
+        window = slice(start, start + WINDOW)
+        assert sorted(sum(indices(grouped)[window], [])) == sorted(sum(indices(plain)[window], []))
 
     def padding(run):  # the real token rows of the batches (attention mask), right-padded to each batch's longest
         lengths = [int(n) for b in run for n in b["attention_mask"].sum(1)]

@@ -147,6 +147,9 @@ def _save(tensors: dict[str, torch.Tensor], shard_and_target: tuple[str, Path], 
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
     save_file(tensors, str(partial), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o666 & ~umask)  # readable like any file the user writes (the writer creates it private)
     os.replace(partial, target)
     return len(tensors)
 

@@ -194,8 +194,8 @@ class MixtureSamples(Dataset):
                 if example is None:
                     self.counters[name].add("missing_field", f"{index.where(position)}: nothing to train on")
                     continue
-                images = decoded.images if decoded.record.task == "video_qa" or len(decoded.images) > 1 else decoded.images[0]
-                example.update(image=images)
+                several = decoded.record.task == "video_qa" or len(decoded.images) > 1
+                example.update(image=decoded.images if several else decoded.images[0])
             example.update(dataset=name, index=int(g))
             return example
         raise DataError(
@@ -339,6 +339,18 @@ def caption_example(record, rng: random.Random) -> dict | None:
 EXAMPLE_BUILDERS = {"instruction": instruction_example, "caption": caption_example}
 
 
+def check_image_features(image_features: str | None, augment: bool, collate: str) -> None:
+    """Stored trunk features are of un-augmented images and stand in for pixel_values of the instruction collate."""
+    if image_features and augment:
+        raise ConfigError(
+            "data.image_features is set but data.augment=true: the stored features are of un-augmented images; "
+            "set data.augment=false or data.image_features=null"
+        )
+    if image_features and collate != "instruction":
+        raise ConfigError(f"data.image_features needs data.collate=instruction, got {collate!r} (stage 1 "
+                          "trains on pixel_values)")
+
+
 class InstructBlipDataModule(pl.LightningDataModule):
     """The training mixture and the held-in validation split for one stage.
 
@@ -378,14 +390,7 @@ class InstructBlipDataModule(pl.LightningDataModule):
         image_features: str | None = None,
     ):
         super().__init__()
-        if image_features and augment:
-            raise ConfigError(
-                "data.image_features is set but data.augment=true: the stored features are of un-augmented images; "
-                "set data.augment=false or data.image_features=null"
-            )
-        if image_features and collate != "instruction":
-            raise ConfigError(f"data.image_features needs data.collate=instruction, got {collate!r} (stage 1 "
-                              "trains on pixel_values)")
+        check_image_features(image_features, augment, collate)
         if int(length_window_batches) < 1:
             raise ConfigError(f"data.length_window_batches={length_window_batches}; must be >= 1")
         if examples not in EXAMPLE_BUILDERS:

@@ -122,3 +122,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"data.examples=caption with stage={stage}; allowed: instruction")
     if stage == "blip2_stage1" and OmegaConf.select(cfg, "data.collate") != "caption":
         raise ConfigError("stage=blip2_stage1 trains on captions through the Q-Former only; data.collate must be caption")
+    from instructblip.train.data import check_image_features
+
+    select = lambda key, default=None: OmegaConf.select(cfg, key, default=default)  # noqa: E731
+    check_image_features(select("data.image_features"), select("data.augment", True),
+                         select("data.collate", "instruction"))
