@@ -6,8 +6,20 @@ ln_vision); vision and LLM frozen. Sides:
 * ``ours``: the training path (``model(**batch, return_logits=False)``: LM head and cross-entropy on the labelled
   positions only), what ``instructblip.train.module`` runs;
 * ``ours_full_logits``: ours with the full logits (the plain ``forward``), to show that lever alone;
-* ``transformers``: ``InstructBlipForConditionalGeneration`` as it is; ``transformers_compiled`` (``--compile``):
-  the whole model under ``torch.compile``; ``ours_compiled`` (``--compile-ours``) likewise.
+* ``transformers``: ``InstructBlipForConditionalGeneration`` as it is; ``transformers_compiled``: the whole model
+  under ``torch.compile``;
+* ``ours_compiled``: ours with every transformer block compiled in place (``instructblip.train.parallelize
+  .compile_blocks``, what ``stage.module.compile=true`` does in training). In-place means it cannot share a run
+  with ``ours`` or ``ours_full_logits``.
+
+* ``ours_packed``: ours' training path with ``pack_sequences`` (decoder-only): the samples packed without padding
+  before the LLM. It pays off on batches of mixed lengths: ``--mixed-lengths`` gives each row the instruction and
+  answer lengths of a draw from the instruction-tuning mixture (``padding.py``'s length model), right-padded to
+  the longest, instead of the fixed ``--prompt-len``/``--answer-len``; each timed call then runs ``K`` such
+  micro-batches (``--mixed-lengths K``, seeds 0..K-1), since one batch of 8 holds a long sample only about half
+  of the time.
+
+``--sides`` picks them (default: ours, transformers, ours_full_logits).
 
 Prints one JSON object: per batch size and side, samples/s (from CPU time on a CPU, wall time on a GPU), the
 median wall and CPU seconds per step and their spread, peak memory (CUDA), the ratios, and with ``--peak-tflops``
@@ -15,7 +27,11 @@ the FLOPs per sample (torch's FlopCounterMode) and the utilisation.
 
     python experiments/bench/train_throughput.py --size cpu --llm llama --batch-sizes 4,8
     python experiments/bench/train_throughput.py --size released --llm llama --device cuda --batch-sizes 8,16,32 \
-        --compile --peak-tflops 989
+        --sides ours,transformers --peak-tflops 790
+    python experiments/bench/train_throughput.py --size released --llm llama --device cuda --batch-sizes 8,16 \
+        --sides ours_compiled,transformers_compiled,transformers
+    python experiments/bench/train_throughput.py --size cpu --llm llama --batch-sizes 8,16 --mixed-lengths 4 \
+        --sides ours,ours_packed,transformers
 """
 
 from __future__ import annotations
@@ -29,29 +45,78 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_device_flags, build_pair, emit, environment, setup_device, synthetic_batch, time_sides  # noqa: E402
+from padding import draw_text_lengths  # noqa: E402
+
+from instructblip.model.packing import row_layout  # noqa: E402
+
+
+SIDES = ("ours", "ours_full_logits", "ours_compiled", "ours_packed", "transformers", "transformers_compiled")
+# (numerator, denominator) of the reported speed ratios, where both sides ran
+RATIOS = (("ours", "transformers"), ("ours", "transformers_compiled"), ("ours_compiled", "transformers"),
+          ("ours_compiled", "transformers_compiled"), ("ours_packed", "transformers"), ("ours_packed", "ours"))
 
 
 def make_step(model, batch, device: str, **forward_flags):
+    """One training step on ``batch``, or on each micro-batch in turn when ``batch`` is a list (``--mixed-lengths``)."""
+    batches = batch if isinstance(batch, list) else [batch]
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = device.startswith("cuda")
+    fused = True  # both sides: torch's fused AdamW on a CPU and a GPU alike (what instructblip.train.optim picks)
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.05, fused=fused)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     )
 
     def step():
-        with autocast:
-            loss = model(**batch, **forward_flags).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for micro_batch in batches:
+            with autocast:
+                loss = model(**micro_batch, **forward_flags).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return loss
 
     return step
 
 
+def packed(step, model):
+    """``step`` with the model's ``pack_sequences`` on (the other sides share the model, with it off)."""
+
+    def packed_step():
+        model.config.pack_sequences = True
+        try:
+            return step()
+        finally:
+            model.config.pack_sequences = False
+
+    return packed_step
+
+
+def mixed_length_batch(config, batch_size: int, qformer_len: int, device: str, seed: int = 0):
+    """Like ``synthetic_batch``, but each row is ``BOS instruction answer`` with the lengths of a draw from the
+    instruction-tuning mixture (``padding.draw_text_lengths``), right-padded to the longest row (decoder-only)."""
+    if not config.use_decoder_only_language_model:
+        raise SystemExit("--mixed-lengths: decoder-only LLMs only (--llm llama)")
+    drawn, _ = draw_text_lengths(batch_size, seed)
+    width = max(1 + instruction + answer for instruction, answer in drawn)
+    queries = config.num_query_tokens
+    ours, theirs = synthetic_batch(config, batch_size, qformer_len, queries + width, 0, "cpu", seed)
+    pad = config.text_config.pad_token_id or 0
+    for row, (instruction, answer) in enumerate(drawn):
+        answer_start, end = 1 + instruction, 1 + instruction + answer
+        for batch, offset in ((ours, 0), (theirs, queries)):
+            ids = batch["input_ids"][row]
+            batch["labels"][row, offset + answer_start : offset + end] = ids[offset + answer_start : offset + end]
+            ids[offset + end :] = pad
+            batch["attention_mask"][row, offset + end :] = 0
+    move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+    return move(ours), move(theirs)
+
+
 def check_agreement(pair, ours_batch, theirs_batch, device: str) -> float:
-    """Relative difference of the loss in eval mode (no dropout): ours' training path against transformers."""
+    """Relative difference of the loss in eval mode (no dropout): ours' training path against transformers (the
+    largest over the micro-batches when the batches are lists)."""
+    if isinstance(ours_batch, list):
+        return max(check_agreement(pair, a, b, device) for a, b in zip(ours_batch, theirs_batch))
     pair.ours.eval()
     pair.theirs.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
@@ -89,61 +154,101 @@ def main() -> None:
     parser.add_argument("--qformer-len", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=64, help="LLM prompt incl. the visual tokens")
     parser.add_argument("--answer-len", type=int, default=16)
+    parser.add_argument("--mixed-lengths", type=int, default=0, metavar="K",
+                        help="K micro-batches per timed call whose rows have the mixture's instruction/answer lengths "
+                             "(instead of the fixed ones)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--compile", action="store_true", help="also time transformers under torch.compile")
-    parser.add_argument("--compile-ours", action="store_true", help="also time ours under torch.compile")
-    parser.add_argument("--no-full-logits", action="store_true", help="skip the ours_full_logits side")
+    parser.add_argument("--sides", default="ours,transformers,ours_full_logits",
+                        help=f"comma-separated, from {', '.join(SIDES)}")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, for MFU")
     args = parser.parse_args()
     setup_device(args.device, args.threads)
+    chosen = args.sides.split(",")
+    unknown = sorted(set(chosen) - set(SIDES))
+    if unknown:
+        parser.error(f"--sides: unknown {unknown}; allowed: {', '.join(SIDES)}")
+    if "ours_compiled" in chosen and {"ours", "ours_full_logits"} & set(chosen):
+        parser.error("--sides: ours_compiled compiles ours in place; run it without ours and ours_full_logits")
 
     torch.manual_seed(0)
-    pair = build_pair(args.size, args.llm, args.device)
+    # ours_compiled compiles the LLM's blocks in place: it must not be transformers' own LLM module
+    pair = build_pair(args.size, args.llm, args.device, share_llm="ours_compiled" not in chosen)
+    if "ours_compiled" in chosen:
+        from instructblip.train.parallelize import compile_blocks
+
+        compile_blocks(pair.ours)
+    compiled_theirs = torch.compile(pair.theirs) if "transformers_compiled" in chosen else None
     rows = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        ours_batch, theirs_batch = synthetic_batch(
-            pair.config, batch_size, args.qformer_len, args.prompt_len, args.answer_len, args.device
-        )
+        if args.mixed_lengths:
+            drawn = [
+                mixed_length_batch(pair.config, batch_size, args.qformer_len, args.device, seed=seed)
+                for seed in range(args.mixed_lengths)
+            ]
+            ours_batch, theirs_batch = [ours for ours, _ in drawn], [theirs for _, theirs in drawn]
+        else:
+            ours_batch, theirs_batch = synthetic_batch(
+                pair.config, batch_size, args.qformer_len, args.prompt_len, args.answer_len, args.device
+            )
         agreement = check_agreement(pair, ours_batch, theirs_batch, args.device)
+        packed_agreement = None
+        if "ours_packed" in chosen:
+            pair.ours.config.pack_sequences = True
+            packed_agreement = check_agreement(pair, ours_batch, theirs_batch, args.device)
+            pair.ours.config.pack_sequences = False
         pair.ours.train()
         pair.theirs.train()
-        sides = {
-            "ours": make_step(pair.ours, ours_batch, args.device, return_logits=False),
-            "transformers": make_step(pair.theirs, theirs_batch, args.device),
+        factories = {
+            "ours": lambda: make_step(pair.ours, ours_batch, args.device, return_logits=False),
+            "ours_full_logits": lambda: make_step(pair.ours, ours_batch, args.device),
+            "ours_compiled": lambda: make_step(pair.ours, ours_batch, args.device, return_logits=False),
+            "ours_packed": lambda: packed(make_step(pair.ours, ours_batch, args.device, return_logits=False), pair.ours),
+            "transformers": lambda: make_step(pair.theirs, theirs_batch, args.device),
+            "transformers_compiled": lambda: make_step(compiled_theirs, theirs_batch, args.device),
         }
-        if not args.no_full_logits:
-            sides["ours_full_logits"] = make_step(pair.ours, ours_batch, args.device)
-        if args.compile:
-            sides["transformers_compiled"] = make_step(torch.compile(pair.theirs), theirs_batch, args.device)
-        if args.compile_ours:
-            sides["ours_compiled"] = make_step(torch.compile(pair.ours), ours_batch, args.device, return_logits=False)
+        sides = {name: factories[name]() for name in chosen}
+        samples_per_call = batch_size * max(args.mixed_lengths, 1)
         row = dict(batch=batch_size, loss_relative_difference=agreement, sides={})
+        if packed_agreement is not None:
+            row["packed_loss_relative_difference"] = packed_agreement
+        if args.mixed_lengths:  # LLM positions: the samples' own, the padded batches', the packed rows'
+            positions = dict(useful=0, padded=0, packed=0)
+            for micro_batch in ours_batch:
+                lengths = (micro_batch["attention_mask"].sum(dim=1) + pair.config.num_query_tokens).tolist()
+                packed_rows, row_length = row_layout(lengths)
+                positions["useful"] += sum(lengths)
+                positions["padded"] += batch_size * max(lengths)
+                positions["packed"] += len(packed_rows) * row_length
+            row["llm_positions"] = positions
         peaks = {name: peak_memory_gib(step, args.device) for name, step in sides.items()}
         timings = time_sides(sides, args.device, args.warmup, args.repeats)
         for name, timing in timings.items():
-            side = dict(samples_per_s=batch_size / timing.primary(args.device), **timing.as_dict())
+            side = dict(samples_per_s=samples_per_call / timing.primary(args.device), **timing.as_dict())
             if peaks[name] is not None:
                 side["peak_gib"] = peaks[name]
             row["sides"][name] = side
         speed = {name: side["samples_per_s"] for name, side in row["sides"].items()}
-        row["ours_vs_transformers"] = speed["ours"] / speed["transformers"]
-        row["ours_vs_transformers_wall"] = timings["transformers"].wall_s / timings["ours"].wall_s
-        if "transformers_compiled" in speed:
-            row["ours_vs_transformers_compiled"] = speed["ours"] / speed["transformers_compiled"]
+        for mine, theirs in RATIOS:
+            if mine in speed and theirs in speed:
+                row[f"{mine}_vs_{theirs}"] = speed[mine] / speed[theirs]
+                row[f"{mine}_vs_{theirs}_wall"] = timings[theirs].wall_s / timings[mine].wall_s
         if args.peak_tflops:
-            # Utilisation of the reference workload: transformers' FLOPs per sample (ours skips part of them, so its
-            # own count is lower and reported beside it).
-            reference = flops_per_sample(sides["transformers"], batch_size)
+            # Utilisation of the reference workload: transformers' FLOPs per sample counted on its eager model (ours
+            # skips part of them, so its own count is lower and reported beside it).
+            reference = flops_per_sample(make_step(pair.theirs, theirs_batch, args.device), samples_per_call)
             row["tflop_per_sample"] = reference / 1e12
-            row["ours_tflop_per_sample"] = flops_per_sample(sides["ours"], batch_size) / 1e12
+            if "ours" in sides:
+                row["ours_tflop_per_sample"] = flops_per_sample(sides["ours"], samples_per_call) / 1e12
             for name in speed:
                 row["sides"][name]["utilisation"] = speed[name] * reference / (args.peak_tflops * 1e12)
         rows.append(row)
         print(f"batch {batch_size}: " + ", ".join(f"{k} {v:.2f}/s" for k, v in speed.items()), file=sys.stderr)
     emit(dict(
         benchmark="train_throughput", size=args.size, llm=args.llm,
-        lengths=dict(qformer=args.qformer_len, prompt=args.prompt_len, answer=args.answer_len),
+        lengths=(dict(qformer=args.qformer_len, mixture=f"padding.draw_text_lengths, {args.mixed_lengths} micro-batches "
+                      f"(seeds 0..{args.mixed_lengths - 1})") if args.mixed_lengths
+                 else dict(qformer=args.qformer_len, prompt=args.prompt_len, answer=args.answer_len)),
         timing=f"warmup {args.warmup}, {args.repeats} interleaved repeats, medians",
         environment=environment(args.device), rows=rows,
     ))
