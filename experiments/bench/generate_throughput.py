@@ -1,14 +1,17 @@
 """Generation throughput: ours vs transformers' InstructBLIP generate(), same weights, same inputs.
 
 Greedy decoding of ``--new-tokens`` tokens (EOS suppressed through ``min_new_tokens`` so every row produces them
-all) at each batch size, and beam search with ``--beams`` beams. Ours decodes greedily with its lean loop
-(``instructblip.model.decoding``, dynamic KV cache) and hands beam search to transformers' generate; the token ids
-of both sides are compared before timing (``identical_token_ids``). Each timed call includes the image encoding
-(vision + Q-Former + projection) and the prompt prefill, as a user's generate call does.
+all) at each batch size, and beam search with ``--beams`` beams (``length_penalty=1``, transformers' default
+``early_stopping``). Ours decodes with its lean loops (``instructblip.model.decoding``, dynamic KV cache):
+``greedy`` / ``greedy_encoder_decoder`` and ``beam_search`` / ``beam_search_encoder_decoder``, which
+``LanguageModel.generate`` picks for these settings; transformers runs its ``generate``. The token ids of both
+sides are compared before timing (``identical_token_ids``), and each row records which path ours took
+(``ours_path``). Each timed call includes the image encoding (vision + Q-Former + projection) and the prompt
+prefill, as a user's generate call does.
 
 ``--static`` (GPU): also times both sides with a static KV cache and a compiled decode step (transformers:
-``cache_implementation="static"``, which compiles its forward on CUDA; ours: ``decoding_options`` cache="static",
-compile=True).
+``cache_implementation="static"``, which compiles its forward on CUDA, greedy only; ours, greedy and beam search
+of decoder-only LLMs: ``decoding_options`` cache="static", compile=True).
 
 Prints one JSON object: new tokens per second of each side (from CPU time on a CPU, wall time on a GPU), median
 wall and CPU seconds per call, and the ratios.
@@ -25,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from instructblip.model import decoding
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_device_flags, build_pair, emit, environment, setup_device, synthetic_batch, time_sides  # noqa: E402
 
@@ -33,6 +38,18 @@ def generation_inputs(pair, batch_size: int, prompt_len: int, device: str):
     ours, theirs = synthetic_batch(pair.config, batch_size, 32, prompt_len, 0, device)
     ours.pop("labels"), theirs.pop("labels")
     return ours, theirs
+
+
+def ours_path(pair, settings: dict) -> str:
+    """Which decoding loop our generate takes for ``settings`` (``transformers.generate`` when none applies)."""
+    llm = pair.ours.llm
+    kwargs = {**settings, "eos_token_id": 0, "pad_token_id": 0}
+    suffix = "" if llm.kind == "decoder_only" else "_encoder_decoder"
+    if decoding.handles(llm.hf_model, kwargs):
+        return "decoding.greedy" + suffix
+    if decoding.handles_beam_search(llm.hf_model, kwargs):
+        return "decoding.beam_search" + suffix
+    return "transformers.generate"
 
 
 def main() -> None:
@@ -62,23 +79,27 @@ def main() -> None:
                 repetition_penalty=1.0, length_penalty=1.0, do_sample=False,
             )
 
+            cuda = args.device.startswith("cuda")
+
             def ours(options=None):
                 pair.ours.llm.decoding_options = options or {}
-                return pair.ours.generate_ids(ours_batch, **settings)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                    return pair.ours.generate_ids(ours_batch, **settings)
 
             def theirs(**extra):
-                with torch.no_grad():
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                     out = pair.theirs.generate(**theirs_batch, **settings, **extra)
                 if pair.config.use_decoder_only_language_model:
                     return out[:, theirs_batch["input_ids"].shape[1]:]
                 return out[:, 1:]
 
             sides = {"ours": ours, "transformers": theirs}
-            if args.static and mode == "greedy":
+            if args.static:
                 sides["ours_static_compiled"] = lambda: ours({"cache": "static", "compile": True})
-                sides["transformers_static_compiled"] = lambda: theirs(cache_implementation="static")
+                if mode == "greedy":  # transformers' beam search reorders a static cache by rebinding its tensors
+                    sides["transformers_static_compiled"] = lambda: theirs(cache_implementation="static")
             reference = theirs().cpu()
-            row = dict(batch=batch_size, mode=mode, beams=beams, sides={})
+            row = dict(batch=batch_size, mode=mode, beams=beams, ours_path=ours_path(pair, settings), sides={})
             for name, fn in sides.items():
                 if name.startswith("ours"):
                     row[f"identical_token_ids_{name}"] = torch.equal(fn().cpu(), reference)
@@ -95,6 +116,8 @@ def main() -> None:
                 row["ours_static_vs_transformers_static"] = (
                     speed["ours_static_compiled"] / speed["transformers_static_compiled"]
                 )
+            if "ours_static_compiled" in speed:
+                row["ours_static_vs_transformers"] = speed["ours_static_compiled"] / speed["transformers"]
             rows.append(row)
             print(f"batch {batch_size} {mode}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in speed.items()),
                   file=sys.stderr)
