@@ -183,3 +183,43 @@ def test_video_features_give_the_video_pixel_queries(tiny_model):
     torch.testing.assert_close(from_features, from_pixels, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="exactly one of pixel_values and image_features"):
         model.encode_images(video, instruction, image_features=features)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 trunk and bf16-mixed training are GPU settings")
+def test_gpu_bf16_features_written_then_trained_on_through_lightning(tmp_path):
+    """On a GPU (frozen trunk in bf16 by the dtype policy): the command stores bf16 features, the loss from them is
+    the pixel path's, and a bf16-mixed Lightning run trains from them."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+    from train_helpers import compose, tiny_overrides
+
+    from instructblip import InstructBlip
+    from instructblip.data.features import write_features
+    from instructblip.testing import make_tiny_checkpoint
+    from instructblip.train.run import build
+    from instructblip.train.synthetic import write_generated_shards
+
+    make_tiny_checkpoint(tmp_path / "checkpoint", "llama")
+    globs = write_generated_shards(tmp_path / "data", samples_per_dataset=32, samples_per_shard=16, image_size=32)
+    model = InstructBlip.from_pretrained(str(tmp_path / "checkpoint"), device="cuda").eval()
+    assert next(model.vision.trunk.parameters()).dtype == torch.bfloat16
+    summary = write_features(model, globs, tmp_path / "features", batch_size=8, progress=False)
+    assert {name: counts["written"] for name, counts in summary.items()} == {"coco_caption": 32, "vqav2": 32}
+
+    pixels_batch = next(iter(datamodule(globs["vqav2"], model, None, steps=1).train_dataloader()))
+    features_batch = next(iter(datamodule(globs["vqav2"], model, str(tmp_path / "features"), steps=1)
+                               .train_dataloader()))
+    assert features_batch["image_features"].dtype == torch.bfloat16
+    losses = []
+    for batch in (pixels_batch, features_batch):
+        inputs = {k: v.cuda() for k, v in batch.items() if k not in ("dataset", "sample_index")}
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            losses.append(model(**inputs, return_logits=False).loss.float())
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=0)  # bf16 trunk: kernels may differ by batch
+
+    cfg = compose([*tiny_overrides(tmp_path / "checkpoint", tmp_path / "data", steps=2), "trainer=gpu",
+                   "trainer.devices=1", "data.augment=false", f"data.image_features={tmp_path / 'features'}",
+                   "data.group_by_length=true"], tmp_path / "run")
+    module, datamodule_, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule_)
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
