@@ -203,7 +203,9 @@ def main() -> None:
             "ours": lambda: make_step(pair.ours, ours_batch, args.device, return_logits=False),
             "ours_full_logits": lambda: make_step(pair.ours, ours_batch, args.device),
             "ours_compiled": lambda: make_step(pair.ours, ours_batch, args.device, return_logits=False),
-            "ours_packed": lambda: packed(make_step(pair.ours, ours_batch, args.device, return_logits=False), pair.ours),
+            "ours_packed": lambda: packed(
+                make_step(pair.ours, ours_batch, args.device, return_logits=False), pair.ours
+            ),
             "transformers": lambda: make_step(pair.theirs, theirs_batch, args.device),
             "transformers_compiled": lambda: make_step(compiled_theirs, theirs_batch, args.device),
         }
@@ -246,8 +248,9 @@ def main() -> None:
         print(f"batch {batch_size}: " + ", ".join(f"{k} {v:.2f}/s" for k, v in speed.items()), file=sys.stderr)
     emit(dict(
         benchmark="train_throughput", size=args.size, llm=args.llm,
-        lengths=(dict(qformer=args.qformer_len, mixture=f"padding.draw_text_lengths, {args.mixed_lengths} micro-batches "
-                      f"(seeds 0..{args.mixed_lengths - 1})") if args.mixed_lengths
+        lengths=(dict(qformer=args.qformer_len,
+                      mixture=f"padding.draw_text_lengths, {args.mixed_lengths} micro-batches "
+                              f"(seeds 0..{args.mixed_lengths - 1})") if args.mixed_lengths
                  else dict(qformer=args.qformer_len, prompt=args.prompt_len, answer=args.answer_len)),
         timing=f"warmup {args.warmup}, {args.repeats} interleaved repeats, medians",
         environment=environment(args.device), rows=rows,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from instructblip.model.instructblip import InstructBlip
 
@@ -39,15 +40,16 @@ def test_checkpointing_gives_the_same_loss_and_gradients(kind, tiny_dirs, images
         model = _training_mode(InstructBlip.from_pretrained(tiny_dirs[kind], activation_checkpointing=checkpointing))
         # the first module of a block: a recompute in the backward pass calls it again
         qformer_calls = _count_calls(model.qformer.layers[0].self_attention.query)
-        llm_block = next(m for m in model.llm.hf_model.modules() if type(m).__name__.endswith(("DecoderLayer", "Block")))
+        llm_block = next(m for m in model.llm.hf_model.modules() if isinstance(m, GradientCheckpointingLayer))
         llm_calls = _count_calls(next(m for m in llm_block.modules() if isinstance(m, torch.nn.Linear)))
         batch = model.processor.training_batch(images, PROMPTS, ANSWERS)
         torch.manual_seed(0)  # the Q-Former's dropout is on: the same masks in both runs (and in the recompute)
         out = model(**batch, return_logits=False)
         out.loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        results.append((out, grads, qformer_calls[0], llm_calls[0]))
-    (plain, plain_grads, plain_q, plain_llm), (ckpt, ckpt_grads, ckpt_q, ckpt_llm) = results
+        results.append((out, grads, qformer_calls[0], llm_calls[0], list(model.state_dict())))
+    (plain, plain_grads, plain_q, plain_llm, plain_keys), (ckpt, ckpt_grads, ckpt_q, ckpt_llm, ckpt_keys) = results
+    assert ckpt_keys == plain_keys, "checkpointing leaves the parameter names (checkpoints, export) as they are"
     assert (plain_q, plain_llm) == (1, 1)
     assert (ckpt_q, ckpt_llm) == (2, 2), "each block runs again in the backward pass"
     torch.testing.assert_close(ckpt.loss, plain.loss, rtol=1e-6, atol=0)

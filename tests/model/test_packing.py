@@ -13,8 +13,8 @@ from instructblip.model.instructblip import InstructBlip
 
 from conftest import PROMPTS  # noqa: E402  (tests/model/conftest.py)
 
-INSTRUCTIONS = PROMPTS + ["describe the scene", PROMPTS[0] + " and tell me which shape is the largest one here", "is it"]
-ANSWERS = ["a red square on the left", "three", "a small blue circle above a green triangle next to a word", "no", "yes"]
+INSTRUCTIONS = [*PROMPTS, "describe the scene", PROMPTS[0] + " and which shape is the largest one here", "is it"]
+ANSWERS = ["a red square on the left", "three", "a small blue circle above a green triangle and a word", "no", "yes"]
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,11 @@
 
 A training batch holds rows ``[Q visual] BOS instruction answer EOS PAD...`` of very different lengths (a one-word
 VQA answer beside a long conversation), so most of a padded batch can be padding. ``pack`` drops the padding and
-places each sample, its own visual tokens before its own text, into rows of ``capacity`` positions (first-fit
-decreasing over the sample lengths). Inside a row, position ids restart at 0 at each sample, and the model is
-called with ``position_ids`` and no attention mask: transformers then derives the sample boundaries from the
-restarts (``masking_utils.find_packed_sequence_indices``) and builds a block-diagonal causal mask (sdpa, eager,
-flex), or runs flash attention's variable-length kernel (flash attention detects packing only in a single row:
+places each sample, its own visual tokens before its own text, into rows as long as the batch's longest sample
+(first-fit decreasing over the sample lengths). Inside a row, position ids restart at 0 at each sample, and the
+model is called with ``position_ids`` and no attention mask: transformers then derives the sample boundaries from
+the restarts (``masking_utils.find_packed_sequence_indices``) and builds a block-diagonal causal mask (sdpa,
+eager), or runs flash attention's variable-length kernel (flash attention detects packing only in a single row:
 ``one_row=True`` puts every sample in one row). Each sample thus sees exactly what it sees in its padded row, with
 the same rotary positions, so the per-sample losses are unchanged.
 
@@ -71,25 +71,23 @@ def pack(
             row_of[i], offset_of[i] = r, offset
             offset += lengths_list[i]
     device = inputs_embeds.device
-    destination_row = torch.tensor(row_of, device=device)[:, None].expand_as(valid)[valid]
-    destination_column = (torch.tensor(offset_of, device=device)[:, None] + positions)[valid]
+    sample = torch.arange(valid.shape[0], device=device)[:, None].expand_as(valid)[valid]  # of each kept position
+    position = positions.expand_as(valid)[valid]  # within its sample
+    destination = (
+        torch.tensor(row_of, device=device)[sample],
+        torch.tensor(offset_of, device=device)[sample] + position,
+    )
 
     packed_shape = (len(rows), capacity)
     embeds = inputs_embeds.new_zeros(*packed_shape, inputs_embeds.shape[-1])
-    embeds[destination_row, destination_column] = inputs_embeds[valid]
-
-    # Positions after the last sample of a row restart at 0 too: a sequence of their own, seen by no sample.
-    used = torch.zeros(packed_shape, dtype=torch.bool, device=device)
-    used[destination_row, destination_column] = True
-    free_positions = (~used).long().cumsum(dim=1) - 1
-    position_ids = torch.where(used, 0, free_positions)
-    position_ids[destination_row, destination_column] = positions.expand_as(valid)[valid]
-
+    embeds[destination] = inputs_embeds[valid]
+    sample_index = torch.full(packed_shape, -1, dtype=torch.long, device=device)
+    sample_index[destination] = sample
     last_of_sample = positions == (lengths[:, None] - 1)
     packed_targets = targets.new_full(packed_shape, -100)
-    packed_targets[destination_row, destination_column] = targets.masked_fill(last_of_sample, -100)[valid]
-    sample_index = torch.full(packed_shape, -1, dtype=torch.long, device=device)
-    sample_index[destination_row, destination_column] = torch.arange(valid.shape[0], device=device)[:, None].expand_as(
-        valid
-    )[valid]
+    packed_targets[destination] = targets.masked_fill(last_of_sample, -100)[valid]
+    # Positions after the last sample of a row restart at 0 too: a sequence of their own, seen by no sample.
+    free = sample_index < 0
+    position_ids = torch.where(free, free.long().cumsum(dim=1) - 1, 0)
+    position_ids[destination] = position
     return PackedRows(embeds, position_ids, packed_targets, sample_index)
