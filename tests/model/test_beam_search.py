@@ -112,6 +112,24 @@ def test_beam_search_static_cache_gives_transformers_token_ids(lean_only, images
     assert _ends_early(actual, [early])
 
 
+@pytest.mark.filterwarnings("ignore:Passing `repetition_penalty` with `inputs_embeds`")
+def test_beam_search_without_prompt_ids_gives_transformers_token_ids(lean_only, images):
+    """The embeddings-only call (LAVIS' layout, no prompt ids): the repetition penalty sees generated tokens only."""
+    ours, _, early = lean_only["llama"]
+    batch = ours.processor.generation_batch(images, PROMPTS)
+    settings = dict(num_beams=5, max_new_tokens=MAX_NEW, eos_token_id=early, pad_token_id=ours.processor.pad_token_id,
+                    min_new_tokens=1, repetition_penalty=0.7, length_penalty=-1.0, do_sample=False)
+    with torch.no_grad():
+        visual = ours.encode_images(batch["pixel_values"], batch["qformer_input_ids"], batch["qformer_attention_mask"])
+        embeds, mask = ours.llm.embed_with_visual(visual, batch["input_ids"], batch["attention_mask"])
+        actual = ours.llm.generate(visual, batch["input_ids"], batch["attention_mask"], visual_token_id=None,
+                                   **settings)
+        # transformers' own LLaMA generate on the same embeddings (our model's generate is patched out)
+        expected = type(ours.llm.hf_model).generate(ours.llm.hf_model, inputs_embeds=embeds, attention_mask=mask,
+                                                    **settings)
+    assert actual.tolist() == expected.tolist()
+
+
 @pytest.mark.parametrize("kind", ["llama", "t5"])
 def test_settings_change_the_beam_search_result(kind, lean_only, images):
     """The identity tests above only bite if each setting changes the outcome on these models. (A penalty above 1

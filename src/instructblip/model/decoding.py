@@ -1,4 +1,5 @@
-"""Lean greedy decoding loops (decoder-only and T5-style LLMs): the same token ids as transformers' ``generate``.
+"""Lean greedy and beam search loops (decoder-only and T5-style LLMs): the same token ids as transformers'
+``generate``.
 
 transformers' ``generate`` is general: per step it re-prepares the model inputs, runs a list of logits processors
 and stopping criteria, and checks many options. InstructBLIP's greedy decoding needs four things: a KV cache, the
