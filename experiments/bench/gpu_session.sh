@@ -64,14 +64,17 @@ job 60 train_throughput-released-t5-cuda $(bench train_throughput.py) --size rel
     --batch-sizes 8,16,32 --sides ours,transformers --warmup 2 --repeats 5 --peak-tflops "$PEAK"
 # 4. The test suite's GPU tests (FSDP2 step, bf16 frozen towers, dtype policy).
 job 60 pytest-gpu "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/train/test_parallel.py \
-    tests/model/test_model_presets.py
-# 5. Training, Vicuna-7B, compiled: ours (every block compiled) vs transformers compiled (whole model), batch 16
+    tests/model/test_model_presets.py tests/data/test_image_features.py
+# 5. Training step from precomputed trunk features vs from pixels (ours), Vicuna-7B.
+job 60 image_features-released-llama-cuda $(bench image_features.py) --size released --llm llama --device cuda \
+    --batch-sizes 8,16,32 --warmup 3 --repeats 5
+# 6. Training, Vicuna-7B, compiled: ours (every block compiled) vs transformers compiled (whole model), batch 16
 #    only (each new batch size recompiles). On 2026-11-26 (H100) this job did not finish its compiles in 171 s:
 #    give it what is left.
 job 300 train_throughput-released-llama-cuda-compiled $(bench train_throughput.py) --size released --llm llama \
     --device cuda --batch-sizes 16 --sides ours_compiled,transformers_compiled,transformers --warmup 2 \
     --repeats 5 --peak-tflops "$PEAK"
-# 6. Greedy generation with static caches and compiled decode steps on both sides, batch 1/16.
+# 7. Greedy generation with static caches and compiled decode steps on both sides, batch 1/16.
 job 150 generate_throughput-released-llama-cuda-static $(bench generate_throughput.py) --size released \
     --llm llama --device cuda --batch-sizes 1,16 --beams 0 --static --warmup 1 --repeats 3
 echo "== session done in ${SECONDS}s" | tee -a "$LOG"
