@@ -74,7 +74,7 @@ job 60 image_features-released-llama-cuda $(bench image_features.py) --size rele
 job 300 train_throughput-released-llama-cuda-compiled $(bench train_throughput.py) --size released --llm llama \
     --device cuda --batch-sizes 16 --sides ours_compiled,transformers_compiled,transformers --warmup 2 \
     --repeats 5 --peak-tflops "$PEAK"
-# 7. Greedy generation with static caches and compiled decode steps on both sides, batch 1/16.
+# 7. Greedy decoding (both sides) and beam search (ours) with static caches and compiled decode steps, batch 1/16.
 job 150 generate_throughput-released-llama-cuda-static $(bench generate_throughput.py) --size released \
-    --llm llama --device cuda --batch-sizes 1,16 --beams 0 --static --warmup 1 --repeats 3
+    --llm llama --device cuda --batch-sizes 1,16 --beams 5 --static --warmup 1 --repeats 3
 echo "== session done in ${SECONDS}s" | tee -a "$LOG"
