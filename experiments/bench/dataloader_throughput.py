@@ -16,8 +16,10 @@ Q-Former's BERT tokenizer from the same files). Every side runs the same stages 
     ours_augmented:    Collator("train"), the real training path: the same, with the training image transform
                        (RandomResizedCrop(scale 0.5-1) + horizontal flip; = LAVIS blip2_image_train)
     transformers:      render(...) as above, then what a hand-rolled transformers training script does:
-                       processor(images=..., text=instructions, padding="longest", truncation=True) for pixels,
-                       Q-Former ids and the prompt ([<image>] x 32 + BOS + instruction), the LLM tokenizer for the
+                       processor(images=..., text=instructions, padding="longest", padding_side="right",
+                       truncation=True) for pixels, Q-Former ids and the prompt ([<image>] x 32 + BOS +
+                       instruction; "right": the processor gives the LLM tokenizer's settings to the Q-Former
+                       tokenizer too, and Vicuna's left padding would shift BERT's positions), the LLM tokenizer for the
                        answers (LAVIS's way: answer + eos_token, truncated on the right), then prompt + answer
                        rows padded with torch's pad_sequence and labels (-100 on image tokens, prompt, padding);
                        T5: the processor for the encoder prompt, the tokenizer for the labels.
@@ -38,9 +40,10 @@ side's text identical to ours. A mismatch stops the benchmark.
 Timing: ``common.time_sides`` (warm-up, the sides in turns with the order flipped every round, medians), one
 intra-op thread, process CPU time (robust to other jobs on the machine; ratios use it) and wall time (``*_wall``).
 A side's pass is the whole shard set, decode included; ``decode`` alone is timed beside them, and
-``*_excluding_decode`` ratios subtract its median from both sides (the part that differs).
+``*_excluding_decode`` ratios subtract its median from both sides (the part that differs). ``stage_ms_per_sample``
+times the image transform alone and the text work alone on one decoded batch, to show where the sides differ.
 
-    .venv/bin/python experiments/bench/dataloader_throughput.py [--samples 64] [--batch-size 32] [--repeats 5]
+    .venv/bin/python experiments/bench/dataloader_throughput.py [--samples 32] [--batch-size 32] [--repeats 7]
         [--image-width 640 --image-height 480] [--llava-turns 6] [--answer-words 60]
 
 Prints one JSON object (``rows``: one per case and LLM kind).
@@ -172,9 +175,10 @@ def build_processors(llm: str, workdir: Path, checkpoint: str | None = None) -> 
     return processors
 
 
-def transformers_batch(processor, llm_kind: str, images: list, instructions: list[str], targets: list[str],
+def transformers_batch(processor, llm_kind: str, images: list | None, instructions: list[str], targets: list[str],
                        max_target_length: int = 256) -> dict[str, torch.Tensor]:
-    """A training batch the way a hand-rolled transformers script builds it (see the module docstring)."""
+    """A training batch the way a hand-rolled transformers script builds it (see the module docstring). Without
+    images (the stage breakdown's text part) the processor adds no ``<image>`` placeholders."""
     tokenizer = processor.tokenizer
     # padding_side="right": the processor hands the LLM tokenizer's settings to the Q-Former's tokenizer too, so a
     # left-padding LLM tokenizer (Vicuna's) would left-pad the Q-Former ids, shifting BERT's absolute positions
@@ -191,8 +195,9 @@ def transformers_batch(processor, llm_kind: str, images: list, instructions: lis
                                 return_tensors="pt")
     finally:
         tokenizer.truncation_side = "left"
-    batch = {"pixel_values": prompt["pixel_values"], "qformer_input_ids": prompt["qformer_input_ids"],
-             "qformer_attention_mask": prompt["qformer_attention_mask"]}
+    batch = {key: prompt[key] for key in ("qformer_input_ids", "qformer_attention_mask")}
+    if images is not None:
+        batch["pixel_values"] = prompt["pixel_values"]
     if llm_kind == "decoder_only":
         rows, label_rows = [], []
         for ids, mask, answer in zip(prompt["input_ids"], prompt["attention_mask"], answers):
@@ -253,6 +258,26 @@ def make_sides(processors: dict, paths: Sequence[str], batch_size: int) -> dict:
     }
 
 
+def stage_breakdown(processors: dict, examples: Sequence[Example], warmup: int, repeats: int) -> dict:
+    """CPU milliseconds per sample of the image transform alone and of the text work alone (template draw,
+    tokenizers, rows, labels) on one decoded batch, each side timed as in ``time_sides``: where the sides differ."""
+    ours = processors["ours"]
+    images = [example.images[0] for example in examples]
+    rendered = [render(example.record, random.Random(example.seed)) for example in examples]
+    instructions, targets = [r.instruction for r in rendered], [r.target for r in rendered]
+    theirs = processors["transformers"]
+    parts = {
+        "image_ours": lambda: ours.pixel_values(images),
+        "image_ours_augmented": lambda: ours.pixel_values(images, train=True),
+        "image_transformers": lambda: processors["transformers"].image_processor(images, return_tensors="pt"),
+        "image_transformers_pil": lambda: processors["transformers_pil"].image_processor(images, return_tensors="pt"),
+        "text_ours": lambda: ours.training_batch(None, instructions, targets),
+        "text_transformers": lambda: transformers_batch(theirs, ours.llm_kind, None, instructions, targets),
+    }
+    timings = time_sides(parts, "cpu", warmup, repeats)
+    return {name: round(timing.cpu_s / len(examples) * 1000, 3) for name, timing in timings.items()}
+
+
 # ------------------------------------------------------------------------------------------------ agreement
 
 
@@ -309,14 +334,14 @@ def check_agreement(processors: dict, examples: Sequence[Example]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=64, help="samples per case (one timed pass)")
+    parser.add_argument("--samples", type=int, default=32, help="samples per case (one timed pass)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-width", type=int, default=640)
     parser.add_argument("--image-height", type=int, default=480)
     parser.add_argument("--llava-turns", type=int, default=6, help="human/gpt exchanges per LLaVA sample")
     parser.add_argument("--answer-words", type=int, default=60, help="words per LLaVA answer")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes per side (the median is reported)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed passes per side (the median is reported)")
     parser.add_argument("--checkpoint-llama", default=None, help="HF InstructBLIP dir with a decoder-only LLM")
     parser.add_argument("--checkpoint-t5", default=None, help="HF InstructBLIP dir with a T5 LLM")
     args = parser.parse_args(argv)
@@ -340,7 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      args.warmup, args.repeats)
                 row = {"batch": args.batch_size, "mode": f"{case}, {kind}", "case": case, "llm_kind": kind,
                        "samples_per_pass": args.samples, "mean_sample_kb": round(mean_kb, 1),
-                       "agreement": agreement, "sides": {}}
+                       "agreement": agreement, "sides": {},
+                       "stage_ms_per_sample": stage_breakdown(sides_processors, sample, args.warmup, args.repeats)}
                 for name, timing in timings.items():
                     row["sides"][name] = {"samples_per_s": args.samples / timing.cpu_s,
                                           "samples_per_s_wall": args.samples / timing.wall_s, **timing.as_dict()}
@@ -372,6 +398,9 @@ def main(argv: list[str] | None = None) -> dict:
                             "(32 <image> + BOS + instruction), the LLM tokenizer for answers, pad_sequence + labels",
             "transformers_pil": "as transformers, with backend='pil' (BlipImageProcessorPil)",
         },
+        "stage_ms_per_sample": "CPU ms per sample on one decoded batch: image_*: the image transform alone "
+                               "(ours.pixel_values / the image processor), text_*: template draw excluded, "
+                               "tokenizers + rows + labels (transformers' without <image> placeholders)",
         "rows": rows,
         "settings": vars(args),
         "environment": environment("cpu"),
