@@ -157,11 +157,15 @@ class InstructBlip(nn.Module):
             return self.float()
         if policy == "bfloat16":
             return self.to(torch.bfloat16)
-        self.float()
-        if self.config.freeze_vision:
-            self.vision.trunk.to(torch.bfloat16)
-        if self.config.freeze_llm:
-            self.llm.to(torch.bfloat16)
+        towers = ((self.vision.trunk, self.config.freeze_vision), (self.llm, self.config.freeze_llm))
+        frozen = [module for module, is_frozen in towers if is_frozen]
+        for module in frozen:
+            module.to(torch.bfloat16)
+        # The rest to fp32 without a detour of the frozen towers through fp32 (a 7B LLM would need 27 GB for it).
+        in_frozen = {id(t) for m in frozen for t in (*m.parameters(), *m.buffers())}
+        for tensor in (*self.parameters(), *self.buffers()):
+            if id(tensor) not in in_frozen and tensor.is_floating_point():
+                tensor.data = tensor.data.float()
         return self
 
     @property
