@@ -179,8 +179,15 @@ def main() -> None:
 
         compile_blocks(pair.ours)
     compiled_theirs = torch.compile(pair.theirs) if "transformers_compiled" in chosen else None
+    # Each side trains its own Q-Former during the timed steps: every batch size starts again from the shared
+    # initial weights, so the agreement check compares the two implementations, not two training histories.
+    initial = [(p, p.detach().clone()) for model in (pair.ours, pair.theirs) for p in model.parameters()
+               if p.requires_grad]
     rows = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        with torch.no_grad():
+            for param, value in initial:
+                param.copy_(value)
         if args.mixed_lengths:
             drawn = [
                 mixed_length_batch(pair.config, batch_size, args.qformer_len, args.device, seed=seed)
