@@ -259,8 +259,8 @@ def make_sides(processors: dict, paths: Sequence[str], batch_size: int) -> dict:
 
 
 def stage_breakdown(processors: dict, examples: Sequence[Example], warmup: int, repeats: int) -> dict:
-    """CPU milliseconds per sample of the image transform alone and of the text work alone (template draw,
-    tokenizers, rows, labels) on one decoded batch, each side timed as in ``time_sides``: where the sides differ."""
+    """CPU milliseconds per sample of the image transform alone and of the text work alone (tokenizers, rows,
+    labels; the template is drawn beforehand) on one decoded batch, timed by ``time_sides``: where the sides differ."""
     ours = processors["ours"]
     images = [example.images[0] for example in examples]
     rendered = [render(example.record, random.Random(example.seed)) for example in examples]
@@ -281,9 +281,18 @@ def stage_breakdown(processors: dict, examples: Sequence[Example], warmup: int, 
 # ------------------------------------------------------------------------------------------------ agreement
 
 
+class Disagreement(AssertionError):
+    """The two sides produced different batches: the benchmark refuses to time them."""
+
+
+def _require(condition, message: str) -> None:
+    if not condition:  # an explicit raise, not ``assert``: the check must hold under ``python -O`` as well
+        raise Disagreement(message)
+
+
 def check_agreement(processors: dict, examples: Sequence[Example]) -> dict:
-    """Compare one batch of every side (see the module docstring); raise AssertionError on a mismatch, else return
-    the measured differences."""
+    """Compare one batch of every side (see the module docstring); raise :class:`Disagreement` on a mismatch, else
+    return the measured differences."""
     ours_processor = processors["ours"]
     kind, queries = ours_processor.llm_kind, ours_processor.num_query_tokens
     ours = Collator(ours_processor, "train", augment=False)(examples)
@@ -293,37 +302,39 @@ def check_agreement(processors: dict, examples: Sequence[Example]) -> dict:
     report = {}
     for key in ours:
         if key != "pixel_values":
-            assert torch.equal(augmented[key], ours[key]), f"ours_augmented: {key} differs from ours"
-    assert augmented["pixel_values"].shape == ours["pixel_values"].shape, "ours_augmented: pixel shape differs"
+            _require(torch.equal(augmented[key], ours[key]), f"ours_augmented: {key} differs from ours")
+    _require(augmented["pixel_values"].shape == ours["pixel_values"].shape, "ours_augmented: pixel shape differs")
     for name in ("transformers", "transformers_pil"):
         theirs = transformers_collate(processors[name], kind, examples)
         image_id = processors[name].tokenizer.convert_tokens_to_ids(processors[name].image_token.content)
         for key in ("qformer_input_ids", "qformer_attention_mask"):
-            assert torch.equal(theirs[key], ours[key]), f"{name}: {key} differs from ours"
-        assert (theirs["input_ids"][:, :queries] == image_id).all(), (
-            f"{name}: the first {queries} LLM positions are not the <image> placeholder (id {image_id})")
-        assert (theirs["attention_mask"][:, :queries] == 1).all(), f"{name}: <image> placeholders masked out"
+            _require(torch.equal(theirs[key], ours[key]), f"{name}: {key} differs from ours")
+        _require((theirs["input_ids"][:, :queries] == image_id).all(),
+                 f"{name}: the first {queries} LLM positions are not the <image> placeholder (id {image_id})")
+        _require((theirs["attention_mask"][:, :queries] == 1).all(), f"{name}: <image> placeholders masked out")
         text_part = {"input_ids": theirs["input_ids"][:, queries:],
                      "attention_mask": theirs["attention_mask"][:, queries:]}
         if kind == "decoder_only":
-            assert (theirs["labels"][:, :queries] == -100).all(), f"{name}: labels on <image> placeholders"
+            _require((theirs["labels"][:, :queries] == -100).all(), f"{name}: labels on <image> placeholders")
             text_part["labels"] = theirs["labels"][:, queries:]
         else:
             text_part["labels"] = theirs["labels"]
             text_part["decoder_attention_mask"] = theirs["decoder_attention_mask"]
         for key, value in text_part.items():
-            assert torch.equal(value, ours[key]), (
-                f"{name}: LLM {key} (after the {queries} <image> placeholders) differs from ours; "
-                f"instructions {meta['instructions']}")
+            same_shape = value.shape == ours[key].shape
+            rows = [i for i in range(len(value)) if not (same_shape and torch.equal(value[i], ours[key][i]))]
+            _require(not rows, f"{name}: LLM {key} (after the {queries} <image> placeholders) differs from ours in "
+                               f"rows {rows}; first: {meta['ids'][rows[0]] if rows else ''}")
+        _require(theirs["pixel_values"].shape == ours["pixel_values"].shape, f"{name}: pixel shape differs")
         difference = (theirs["pixel_values"] - ours["pixel_values"]).abs()
-        assert theirs["pixel_values"].shape == ours["pixel_values"].shape, f"{name}: pixel shape differs"
-        assert difference.max() <= PIXEL_TOLERANCE[name], (
-            f"{name}: pixel values differ by up to {difference.max():.3g} (tolerance {PIXEL_TOLERANCE[name]:.3g})")
+        _require(difference.max() <= PIXEL_TOLERANCE[name],
+                 f"{name}: pixel values differ by up to {difference.max():.3g} (tolerance {PIXEL_TOLERANCE[name]:.3g})")
         report[name] = {"pixel_max_abs_diff": float(difference.max()), "pixel_mean_abs_diff": float(difference.mean()),
                         "qformer_ids_identical": True, "llm_text_ids_identical": True,
                         "labels_identical": True, "image_placeholders": queries}
     report["tokens_per_row"] = round(float(ours["attention_mask"].sum(1).float().mean()), 1)
     report["qformer_tokens_per_row"] = round(float(ours["qformer_attention_mask"].sum(1).float().mean()), 1)
+    # rows whose instruction reached the 128-token limit (and was cut on the left, on both sides alike)
     report["truncated_instructions"] = int((ours["qformer_attention_mask"].sum(1) >= ours_processor.max_qformer_length)
                                            .sum())
     return report
