@@ -64,12 +64,18 @@ def main() -> None:
                          "--device", "cpu", "--repeats", "9" if size == "tiny" else "5"))
     jobs.append(("padding.py",))
     if not args.quick:
+        # sequence packing on batches with the mixture's lengths, and the precomputed-features step
+        jobs.append(("train_throughput.py", "--size", "cpu", "--llm", "llama", "--batch-sizes", "8,16",
+                     "--mixed-lengths", "4", "--sides", "ours,ours_packed,transformers", "--device", "cpu",
+                     "--repeats", "5", "--warmup", "1"))
+        jobs.append(("image_features.py", "--size", "cpu", "--llm", "llama", "--batch-sizes", "4,8"))
         jobs.append(("dataloader_throughput.py",))
     RESULTS.mkdir(parents=True, exist_ok=True)
     lines = []
     for script, *flags in jobs:
         result = run(script, *flags)
-        parts = [Path(script).stem, result.get("size"), result.get("llm"), "cpu", str(date.today())]
+        stem = Path(script).stem + ("_mixed" if "--mixed-lengths" in flags else "")
+        parts = [stem, result.get("size"), result.get("llm"), "cpu", str(date.today())]
         name = "-".join(p for p in parts if p)
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         lines += summary(result)
