@@ -94,53 +94,18 @@ def greedy(
     the penalty sees only generated tokens). ``ignored``: the generate() settings that do not change greedy
     decoding (``num_beams=1``, ``do_sample=False``, ``length_penalty``, ``num_return_sequences=1``).
     """
-    from transformers import DynamicCache, StaticCache
-
-    batch, prompt_length = attention_mask.shape
-    device = inputs_embeds.device
-    if cache == "static":
-        past = StaticCache(config=model.config, max_cache_len=prompt_length + max_new_tokens)
-    elif cache == "dynamic":
-        past = DynamicCache()
-    else:
-        raise ValueError(f"cache={cache!r}; allowed: 'dynamic', 'static'")
-    step = _compiled_forward(model) if compile else model
-
-    parameters = inspect.signature(model.forward).parameters
-    takes_cache_position = "cache_position" in parameters
-    # transformers renamed the forward's cache argument (``past_key_values`` -> ``cache``); use the model's own name
-    cache_arg = "cache" if "cache" in parameters else "past_key_values"
-
-    attention_mask = attention_mask.long()
-    positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-    if cache == "static":  # one mask of the final length: the same shapes at every decode step
-        full_mask = attention_mask.new_zeros(batch, prompt_length + max_new_tokens)
-        full_mask[:, :prompt_length] = attention_mask
+    batch = attention_mask.shape[0]
+    steps = _CausalSteps(model, attention_mask, max_new_tokens, cache, compile)
     chooser = _GreedyChooser(
         prompt_ids if prompt_ids is not None else attention_mask.new_zeros(batch, 0),
         eos_token_id, pad_token_id, min_new_tokens, repetition_penalty,
     )
-    extra = {"cache_position": torch.arange(prompt_length, device=device)} if takes_cache_position else {}
-    logits = model(
-        inputs_embeds=inputs_embeds, attention_mask=full_mask if cache == "static" else attention_mask,
-        position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_arg: past}, **extra,
-    ).logits[:, -1]
+    logits = steps.prefill(inputs_embeds)
     for index in range(max_new_tokens):
         token = chooser.choose(logits)
         if index + 1 == max_new_tokens or chooser.all_finished():
             break
-        if cache == "static":
-            full_mask[:, prompt_length + index] = 1
-            attention_mask = full_mask
-        else:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-        positions = positions[:, -1:] + 1
-        if takes_cache_position:
-            extra = {"cache_position": torch.tensor([prompt_length + index], device=device)}
-        logits = step(
-            input_ids=token[:, None], attention_mask=attention_mask, position_ids=positions, use_cache=True,
-            logits_to_keep=1, **{cache_arg: past}, **extra,
-        ).logits[:, -1]
+        logits = steps.next(token)
     return chooser.generated()
 
 
@@ -208,61 +173,29 @@ def beam_search(
     cache holds a fixed number of rows, so there every beam is prefilled and the cache is reordered in place.
     ``ignored``: settings that do not change beam search here (``do_sample=False``, ``num_return_sequences=1``).
     """
-    from transformers import DynamicCache, StaticCache
-
-    batch, prompt_length = attention_mask.shape
-    device = inputs_embeds.device
-    parameters = inspect.signature(model.forward).parameters
-    takes_cache_position = "cache_position" in parameters
-    cache_arg = "cache" if "cache" in parameters else "past_key_values"
-
-    attention_mask = attention_mask.long()
-    positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-    if cache == "static":
-        past = StaticCache(config=model.config, max_cache_len=prompt_length + max_new_tokens)
-        inputs_embeds = inputs_embeds.repeat_interleave(num_beams, dim=0)
-        positions = positions.repeat_interleave(num_beams, dim=0)
-        full_mask = attention_mask.new_zeros(batch * num_beams, prompt_length + max_new_tokens)
-        full_mask[:, :prompt_length] = attention_mask.repeat_interleave(num_beams, dim=0)
-        prefill_mask = full_mask
-    elif cache == "dynamic":
-        past = DynamicCache()
-        prefill_mask = attention_mask
-    else:
-        raise ValueError(f"cache={cache!r}; allowed: 'dynamic', 'static'")
+    batch = attention_mask.shape[0]
+    steps = _CausalSteps(model, attention_mask, max_new_tokens, cache, compile)
     state = _BeamState(
         prompt_ids if prompt_ids is not None else attention_mask.new_zeros(batch, 0), num_beams, max_new_tokens,
         eos_token_id, pad_token_id, min_new_tokens, repetition_penalty, length_penalty,
         model.generation_config.early_stopping,
     )
-    extra = {"cache_position": torch.arange(prompt_length, device=device)} if takes_cache_position else {}
-    logits = model(
-        inputs_embeds=inputs_embeds, attention_mask=prefill_mask, position_ids=positions, use_cache=True,
-        logits_to_keep=1, **{cache_arg: past}, **extra,
-    ).logits[:, -1]
-    if cache == "dynamic":  # from here on one row per beam
-        attention_mask = attention_mask.repeat_interleave(num_beams, dim=0)
-        positions = positions.repeat_interleave(num_beams, dim=0)
-    step = _compiled_forward(model) if compile else model
-    for index in range(max_new_tokens):
+    if steps.static:  # a static cache has a row per beam from the start
+        steps.repeat_rows(num_beams)
+        inputs_embeds = inputs_embeds.repeat_interleave(num_beams, dim=0)
+    logits = steps.prefill(inputs_embeds)
+    if not steps.static:  # from here on one row per beam
+        steps.repeat_rows(num_beams)
+    for _ in range(max_new_tokens):
         chosen = state.step(logits)
         if chosen is None:
             break
         source_rows, token = chosen
-        if cache == "static":
-            _reorder_in_place(past, source_rows)
-            full_mask[:, prompt_length + index] = 1
-            attention_mask = full_mask
+        if steps.static:
+            _reorder_in_place(steps.past, source_rows)
         else:
-            past.reorder_cache(source_rows)
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-        positions = positions[:, -1:] + 1
-        if takes_cache_position:
-            extra = {"cache_position": torch.tensor([prompt_length + index], device=device)}
-        logits = step(
-            input_ids=token[:, None], attention_mask=attention_mask, position_ids=positions, use_cache=True,
-            logits_to_keep=1, **{cache_arg: past}, **extra,
-        ).logits[:, -1]
+            steps.past.reorder_cache(source_rows)
+        logits = steps.next(token)
     return state.best()
 
 
@@ -314,6 +247,67 @@ def beam_search_encoder_decoder(
         else:  # the cross-attention rows are equal within a sample: only the decoder's own cache moves
             past.self_attention_cache.reorder_cache(source_rows)
     return state.best()
+
+
+class _CausalSteps:
+    """A decoder-only LLM's forward calls after a left-padded prompt: the prefill, then one token a step.
+
+    It keeps what those calls need between steps: the KV cache, the attention mask (one column longer each step
+    with a dynamic cache; with a static cache one buffer of the final length whose next column is switched on, so
+    every step has the same shapes), the next position ids (from the mask's cumulative sum, as ``generate``) and,
+    where the model takes one, the cache position.
+    """
+
+    def __init__(self, model, attention_mask: torch.Tensor, max_new_tokens: int, cache: str, compile: bool):
+        from transformers import DynamicCache, StaticCache
+
+        parameters = inspect.signature(model.forward).parameters
+        self.takes_cache_position = "cache_position" in parameters
+        # transformers renamed the forward's cache argument (past_key_values -> cache); use the model's own name
+        self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        self.model, self.step_model = model, _compiled_forward(model) if compile else model
+        batch, self.prompt_length = attention_mask.shape
+        self.static = cache == "static"
+        mask = attention_mask.long()
+        self.positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        if self.static:
+            self.past = StaticCache(config=model.config, max_cache_len=self.prompt_length + max_new_tokens)
+            self.mask = mask.new_zeros(batch, self.prompt_length + max_new_tokens)
+            self.mask[:, : self.prompt_length] = mask
+        elif cache == "dynamic":
+            self.past, self.mask = DynamicCache(), mask
+        else:
+            raise ValueError(f"cache={cache!r}; allowed: 'dynamic', 'static'")
+        self.generated = 0
+
+    def repeat_rows(self, times: int) -> None:
+        """Each row ``times`` times over (beam search: one row per beam)."""
+        self.mask = self.mask.repeat_interleave(times, dim=0)
+        self.positions = self.positions.repeat_interleave(times, dim=0)
+
+    def prefill(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """The prompt's forward; the last position's logits."""
+        extra = {"cache_position": torch.arange(self.prompt_length, device=inputs_embeds.device)}
+        return self._call(self.model, inputs_embeds=inputs_embeds, **(extra if self.takes_cache_position else {}))
+
+    def next(self, token: torch.Tensor) -> torch.Tensor:
+        """The forward of one new token per row; its logits."""
+        if self.static:
+            self.mask[:, self.prompt_length + self.generated] = 1
+        else:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        self.positions = self.positions[:, -1:] + 1
+        extra = {}
+        if self.takes_cache_position:
+            extra["cache_position"] = torch.tensor([self.prompt_length + self.generated], device=token.device)
+        self.generated += 1
+        return self._call(self.step_model, input_ids=token[:, None], **extra)
+
+    def _call(self, forward, **inputs) -> torch.Tensor:
+        return forward(
+            attention_mask=self.mask, position_ids=self.positions, use_cache=True, logits_to_keep=1,
+            **{self.cache_arg: self.past}, **inputs,
+        ).logits[:, -1]
 
 
 class _BeamState:
