@@ -246,6 +246,18 @@ def time_sides(sides: dict[str, Callable[[], object]], device: str, warmup: int,
     }
 
 
+def peak_memory_gib(step, device: str) -> float | None:
+    """Peak allocated memory of one step run alone (interleaved timing cannot attribute peaks to a side)."""
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
 def median_seconds(fn, device: str, warmup: int, repeats: int) -> float:
     """Median wall seconds of one callable (the data-loader benchmark's measure)."""
     return time_sides({"fn": fn}, device, warmup, repeats)["fn"].wall_s

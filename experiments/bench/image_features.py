@@ -30,24 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    add_device_flags, build_pair, emit, environment, setup_device, synthetic_batch, time_sides,
+    add_device_flags, build_pair, emit, environment, peak_memory_gib, setup_device, synthetic_batch, time_sides,
 )
-
-
-def make_step(model, batch: dict, device: str):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.05,
-                                  fused=device.startswith("cuda"))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
-
-    def step():
-        with autocast:
-            loss = model(**batch, return_logits=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+from train_throughput import make_step  # noqa: E402  (the same training step, fused AdamW on every device)
 
 
 def loss_of(model, batch: dict, device: str) -> float:
@@ -55,16 +40,6 @@ def loss_of(model, batch: dict, device: str) -> float:
     torch.manual_seed(0)  # the same dropout masks for both sides
     with torch.no_grad(), autocast:
         return float(model(**batch, return_logits=False).loss)
-
-
-def peak_memory_gib(step, device: str) -> float | None:
-    if not device.startswith("cuda"):
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
 
 
 def main() -> None:
@@ -96,8 +71,8 @@ def main() -> None:
         with_features["image_features"] = features
         losses = {"pixels": loss_of(model, with_pixels, args.device),
                   "features": loss_of(model, with_features, args.device)}
-        steps = {"pixels": make_step(model, with_pixels, args.device),
-                 "features": make_step(model, with_features, args.device)}
+        steps = {"pixels": make_step(model, with_pixels, args.device, return_logits=False),
+                 "features": make_step(model, with_features, args.device, return_logits=False)}
         timings = time_sides(steps, args.device, args.warmup, args.repeats)
         row = {"batch": batch_size, "loss": losses,
                "loss_rel_diff": abs(losses["features"] - losses["pixels"]) / max(abs(losses["pixels"]), 1e-12)}

@@ -44,7 +44,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_device_flags, build_pair, emit, environment, setup_device, synthetic_batch, time_sides  # noqa: E402
+from common import (  # noqa: E402
+    add_device_flags, build_pair, emit, environment, peak_memory_gib, setup_device, synthetic_batch, time_sides,
+)
 from padding import draw_text_lengths  # noqa: E402
 
 from instructblip.model.packing import row_layout  # noqa: E402
@@ -133,18 +135,6 @@ def flops_per_sample(step, batch_size: int) -> float:
     with counter:
         step()
     return counter.get_total_flops() / batch_size
-
-
-def peak_memory_gib(step, device: str) -> float | None:
-    """Peak allocated memory of one step run alone (interleaved timing cannot attribute peaks to a side)."""
-    if not device.startswith("cuda"):
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
 
 
 def main() -> None:
