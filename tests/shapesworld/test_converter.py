@@ -12,7 +12,7 @@ from PIL import Image
 import data_prep
 from instructblip.data.record import Record
 from instructblip.errors import ConfigError
-from instructblip.shapesworld import tasks
+from instructblip.shapesworld import tasks, world
 
 
 def test_shards_read_back_as_records(tmp_path):
@@ -27,7 +27,7 @@ def test_shards_read_back_as_records(tmp_path):
             if name.endswith(".json"):
                 record = Record.from_json(data)
                 image = Image.open(io.BytesIO(members[name.removesuffix(".json") + ".png"]))
-                assert image.size == (64, 64)
+                assert image.size == (world.IMAGE_SIZE, world.IMAGE_SIZE)
                 records.append(record)
     assert [r.id for r in records] == [f"shapesworld_vqa_train_{i:07d}" for i in range(12)]
     assert records[3] == Record.from_json(tasks.build("shapesworld_vqa", "train", 3, seed=4)[0].to_json())

@@ -42,7 +42,10 @@ def test_every_stage_writes_its_output_and_the_report(demo_dir):
     for name in tasks.HELD_OUT:
         assert report["chance"][name] is not None and 0 < report["chance"][name] <= 100
     text = (demo_dir / "report.md").read_text()
-    assert "Held-out datasets" in text and "BLIP-2 (stage 2, zero-shot)" in text
+    assert "Held-out datasets" in text and "BLIP-2 (stage 2, zero-shot)" in text and "CPU time (s)" in text
+    # question generation is scored against the question it should have generated, not the answer it was given
+    qg = (demo_dir / "eval" / "instructblip" / "predictions" / "shapesworld_qg.jsonl").read_text().splitlines()
+    assert qg and all(json.loads(line)["references"][0].endswith("?") for line in qg)
 
 
 @pytest.mark.slow

@@ -215,9 +215,12 @@ def prediction_lines(model, benchmark: Benchmark, batch: list[Example], rank_bat
     video = benchmark.info.video
     records = [example.record for example in batch]
     media = [_media(example, video) for example in batch]
-    prompts = [render_evaluation(record).instruction for record in records]
-    lines = [{"id": record.id, "prompt": prompt, "references": list(record.answers)}
-             for record, prompt in zip(records, prompts)]
+    rendered = [render_evaluation(record) for record in records]
+    prompts = [r.instruction for r in rendered]
+    # question generation is scored against the question (its target); the answers are part of its prompt
+    lines = [{"id": record.id, "prompt": r.instruction,
+              "references": [r.target] if record.task == "qg" else list(record.answers)}
+             for record, r in zip(records, rendered)]
     if benchmark.info.method == "generate":
         answers = model.generate(media, prompts, **benchmark.generation)
         for line, answer in zip(lines, answers):

@@ -3,8 +3,8 @@
 The LLM of InstructBLIP arrives pretrained and stays frozen; in the miniature it is pretrained here, on the
 documents of :mod:`instructblip.shapesworld.text` laid out as ``<context> BOS <instruction> <answer> EOS`` (the
 scene text where the visual queries will later stand), plus plain ``<context> BOS <caption> EOS`` documents for the
-BLIP-2 stage-2 layout (queries, BOS, caption). The loss covers every token after the first, as in any causal LM
-pretraining. Output: a Hugging Face directory (``config.json``, safetensors, the tokenizer) that the InstructBLIP
+BLIP-2 stage-2 layout (queries, BOS, caption). The loss covers the answer (and EOS) only, as in the instruction
+tuning of the LLMs InstructBLIP starts from (see ``CausalLMPretraining``). Output: a Hugging Face directory (``config.json``, safetensors, the tokenizer) that the InstructBLIP
 config's ``llm`` loads.
 """
 
@@ -51,40 +51,60 @@ class _Sequences(Dataset):
         return self.rows[i]
 
 
-def encode_documents(tokenizer, docs: list[world_text.Document], max_length: int) -> list[list[int]]:
-    """``context BOS instruction answer EOS`` as ids, each part tokenized alone (as the processor does)."""
+def encode_documents(tokenizer, docs: list[world_text.Document], max_length: int) -> list[tuple[list[int], int]]:
+    """``context BOS instruction answer EOS`` as ids, each part tokenized alone (as the processor does), with the
+    position where the answer starts."""
     def ids(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     rows = []
     for doc in docs:
-        row = ids(doc.context) + [tokenizer.bos_token_id] + ids(doc.instruction) + ids(doc.answer)
-        rows.append((row + [tokenizer.eos_token_id])[-max_length:])
+        prompt = ids(doc.context) + [tokenizer.bos_token_id] + ids(doc.instruction)
+        row = (prompt + ids(doc.answer) + [tokenizer.eos_token_id])
+        cut = max(0, len(row) - max_length)
+        rows.append((row[cut:], max(0, len(prompt) - cut)))
     return rows
 
 
 class CausalLMPretraining(L.LightningModule):
+    """Next-token loss on the answer and EOS only: the LLMs InstructBLIP starts from are instruction-tuned (Vicuna,
+    FlanT5) and answer about what they are given; a loss on the random scene text itself would spend most of the
+    budget on predicting the unpredictable and leave the model poor at reading its context."""
+
     def __init__(self, model, pad_id: int, lr: float, warmup: int, steps: int):
         super().__init__()
         self.model = model
         self.pad_id, self.lr, self.warmup, self.steps = pad_id, lr, warmup, steps
         self.losses: list[float] = []
 
-    def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
-        width = max(len(r) for r in rows)
+    def collate(self, rows: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+        width = max(len(r) for r, _ in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, (row, answer_start) in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
-        labels = ids.masked_fill(mask == 0, -100)
+            labels[i, answer_start: len(row)] = ids[i, answer_start: len(row)]
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def training_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
+        loss = self.document_loss(batch)
         self.losses.append(float(loss.detach()))
         self.log("loss", loss, prog_bar=True)
         return loss
+
+    def document_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean over documents of each document's mean answer-token loss: a 25-token description and a one-word
+        answer weigh the same (a token mean would give most of the gradient to the long answers, and the one-word
+        lookups, which teach the model to read its context, would learn slowest)."""
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100,
+                                                      reduction="none")
+        counted = (labels != -100).float()
+        per_document = (per_token * counted).sum(1) / counted.sum(1).clamp(min=1)
+        return per_document[counted.sum(1) > 0].mean()
 
     def configure_optimizers(self):
         from transformers import get_cosine_schedule_with_warmup

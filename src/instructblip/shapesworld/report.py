@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -196,8 +197,9 @@ def write_report(demo) -> Path:
     if "no_instruction_aware" not in results or "proportional" not in results:
         lines += ["", "The two ablations (instruction-aware Q-Former off, proportional sampling) run with "
                   "`make demo-ablations`."]
-    lines += ["", "## Stages", "", "| stage | wall time (s) |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in demo.timings.items()]
+    lines += ["", "## Stages", "", f"On {os.cpu_count()} CPU cores, shared with whatever else ran meanwhile (CPU time: "
+              "this process, all its threads).", "", "| stage | wall time (s) | CPU time (s) |", "|---|---|---|"]
+    lines += [f"| {k} | {v} | {demo.cpu_timings.get(k, '-')} |" for k, v in demo.timings.items()]
     if demo.skipped:
         lines += ["", f"Skipped (outputs from an earlier invocation): {', '.join(demo.skipped)}."]
     lines += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in plots), ""]
@@ -205,7 +207,7 @@ def write_report(demo) -> Path:
     report.write_text("\n".join(lines))
     (out / "report.json").write_text(json.dumps({
         "results": results, "chance": chances, "chance_how": chance_how, "summary": summary,
-        "timings_s": demo.timings, "skipped_stages": demo.skipped, "settings": demo.s.__dict__,
+        "timings_s": demo.timings, "cpu_timings_s": demo.cpu_timings, "skipped_stages": demo.skipped, "settings": demo.s.__dict__,
         "plots": [p.name for p in plots],
     }, indent=1, default=str))
     return report

@@ -161,7 +161,7 @@ def _scene(rng: random.Random, **kwargs) -> tuple[Scene, Image.Image]:
 
 
 def scene_text(scene: Scene) -> str:
-    return world.describe(scene)
+    return world.compact(scene)
 
 
 # ------------------------------------------------------------------------------------------------ held-in
@@ -348,7 +348,7 @@ def build_video_qa(rng, split, index):
         question, answer = f"what shape is the {mover.color} one that moves?", mover.kind
     else:
         question, answer = f"which way does the {mover.color} {mover.kind} move?", clip.direction
-    context = " ".join(f"frame {t + 1}: {world.describe(clip.frame_scene(t))}" for t in range(len(frames)))
+    context = " ".join(f"frame {t + 1}: {world.compact(clip.frame_scene(t))}" for t in range(len(frames)))
     record = _record("shapesworld_video_qa", split, index, None, question=question, answers=[answer],
                      num_frames=len(frames), candidates=list(VIDEO_ANSWERS), extra={"clip": clip.to_dict()})
     return record, frames, context

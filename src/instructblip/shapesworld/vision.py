@@ -48,10 +48,7 @@ class VisionPretrainConfig:
 
 def clip_text(scene: world.Scene) -> str:
     """The scene, compactly: 'large red circle top left. small blue square center. word cat right.'"""
-    parts = [f"{s.size} {s.color} {s.kind} {s.where}" for s in sorted(scene.shapes, key=lambda s: s.cell)]
-    if scene.word is not None:
-        parts.append(f"word {scene.word.text} {scene.word.where}")
-    return ". ".join(parts) + "."
+    return world.compact(scene)
 
 
 def eva_kwargs(cfg: VisionPretrainConfig) -> dict:

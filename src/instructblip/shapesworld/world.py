@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from PIL import Image, ImageDraw, ImageFont
 
-IMAGE_SIZE = 64
+IMAGE_SIZE = 72   # a 3 x 3 grid of 24 px cells: a written word (18 x 11 px) fits in one cell
 GRID = 3
 BACKGROUND = (255, 255, 255)
 INK = (0, 0, 0)
@@ -32,8 +32,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (255, 130, 0),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 5, "large": 9}  # radius in pixels at IMAGE_SIZE = 64
-WORDS = ("cat", "dog", "sun", "box", "hat", "cup", "car", "pen", "key", "map", "egg", "owl")
+SIZES = {"small": 5, "large": 10}  # radius in pixels (24 px cells)
+WORDS = ("cat", "dog", "sun", "box", "hat", "cup", "key", "owl")
 # cell (row, col) -> the phrase the text uses for it
 CELL_NAMES = {
     (0, 0): "top left", (0, 1): "top", (0, 2): "top right",
@@ -244,6 +244,16 @@ def describe(scene: Scene) -> str:
     if scene.word is not None:
         text += f" the word {scene.word.text} at the {scene.word.where}."
     return text
+
+
+def compact(scene: Scene) -> str:
+    """The scene in as few words as it takes, cell by cell: 'large red circle top left. word cat right.' This is the
+    text the image encoder is contrastively paired with and the context the LLM reads in its text pretraining:
+    short, because the LLM later finds the Q-Former's few query embeddings in its place."""
+    parts = [f"{s.size} {s.color} {s.kind} {s.where}" for s in sorted(scene.shapes, key=lambda s: s.cell)]
+    if scene.word is not None:
+        parts.append(f"word {scene.word.text} {scene.word.where}")
+    return ". ".join(parts) + "."
 
 
 def caption(scene: Scene, rng: random.Random | None = None) -> str:
