@@ -124,24 +124,11 @@ def greedy_encoder_decoder(
 ) -> torch.Tensor:
     """The same loop for T5-style models: the encoder runs once, the decoder one token a step from its start token
     (which, as in ``generate``, the repetition penalty sees). Returns the new ids without the start token."""
-    from transformers import DynamicCache, EncoderDecoderCache
-    from transformers.modeling_outputs import BaseModelOutput
-
-    batch = inputs_embeds.shape[0]
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    encoded = model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
-    encoder_outputs = BaseModelOutput(last_hidden_state=encoded.last_hidden_state)
-    past = EncoderDecoderCache(DynamicCache(), DynamicCache())
-    start = model.generation_config.decoder_start_token_id
-    start = model.config.decoder_start_token_id if start is None else start
-    token = attention_mask.new_full((batch,), start, dtype=torch.long)
+    steps = _Seq2SeqSteps(model, inputs_embeds, attention_mask)
+    token = steps.start_tokens
     chooser = _GreedyChooser(token[:, None], eos_token_id, pad_token_id, min_new_tokens, repetition_penalty)
-    for index in range(max_new_tokens):
-        logits = model(
-            encoder_outputs=encoder_outputs, attention_mask=attention_mask, decoder_input_ids=token[:, None],
-            use_cache=True, **{cache_arg: past},
-        ).logits[:, -1]
-        token = chooser.choose(logits)
+    for _ in range(max_new_tokens):
+        token = chooser.choose(steps.logits(token))
         if chooser.all_finished():
             break
     return chooser.generated()
@@ -216,37 +203,55 @@ def beam_search_encoder_decoder(
 ) -> torch.Tensor:
     """Beam search for T5-style models: the encoder and the first decoder step run once per row (the beams start
     alike), then one decoder row per beam. Returns the best hypothesis' new ids without the start token."""
-    from transformers import DynamicCache, EncoderDecoderCache
-    from transformers.modeling_outputs import BaseModelOutput
-
-    batch = inputs_embeds.shape[0]
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    encoded = model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
-    past = EncoderDecoderCache(DynamicCache(), DynamicCache())
-    start = model.generation_config.decoder_start_token_id
-    start = model.config.decoder_start_token_id if start is None else start
-    token = attention_mask.new_full((batch,), start, dtype=torch.long)
+    steps = _Seq2SeqSteps(model, inputs_embeds, attention_mask)
+    token = steps.start_tokens
     state = _BeamState(
         token[:, None], num_beams, max_new_tokens, eos_token_id, pad_token_id, min_new_tokens, repetition_penalty,
         length_penalty, model.generation_config.early_stopping,
     )
-    encoder_outputs = BaseModelOutput(last_hidden_state=encoded)
     for index in range(max_new_tokens):
-        logits = model(
-            encoder_outputs=encoder_outputs, attention_mask=attention_mask, decoder_input_ids=token[:, None],
-            use_cache=True, **{cache_arg: past},
-        ).logits[:, -1]
-        chosen = state.step(logits)
+        chosen = state.step(steps.logits(token))
         if chosen is None:
             break
         source_rows, token = chosen
         if index == 0:  # one row per beam from here on; the cross-attention cache too
-            past.reorder_cache(source_rows)
-            encoder_outputs = BaseModelOutput(last_hidden_state=encoded.repeat_interleave(num_beams, dim=0))
-            attention_mask = attention_mask.repeat_interleave(num_beams, dim=0)
+            steps.past.reorder_cache(source_rows)
+            steps.repeat_rows(num_beams)
         else:  # the cross-attention rows are equal within a sample: only the decoder's own cache moves
-            past.self_attention_cache.reorder_cache(source_rows)
+            steps.past.self_attention_cache.reorder_cache(source_rows)
     return state.best()
+
+
+class _Seq2SeqSteps:
+    """A T5-style LLM's calls: the encoder once, then the decoder one token a step, from its start token (as in
+    ``generate``), with a self- and cross-attention cache."""
+
+    def __init__(self, model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor):
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        self.model = model
+        # transformers renamed the forward's cache argument (past_key_values -> cache); use the model's own name
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.encoded = model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        self.attention_mask = attention_mask
+        self.past = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        start = model.generation_config.decoder_start_token_id
+        start = model.config.decoder_start_token_id if start is None else start
+        self.start_tokens = attention_mask.new_full((inputs_embeds.shape[0],), start, dtype=torch.long)
+
+    def repeat_rows(self, times: int) -> None:
+        """Each row ``times`` times over (beam search: one row per beam)."""
+        self.encoded = self.encoded.repeat_interleave(times, dim=0)
+        self.attention_mask = self.attention_mask.repeat_interleave(times, dim=0)
+
+    def logits(self, token: torch.Tensor) -> torch.Tensor:
+        """The decoder's logits after one more token per row."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        return self.model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=self.encoded), attention_mask=self.attention_mask,
+            decoder_input_ids=token[:, None], use_cache=True, **{self.cache_arg: self.past},
+        ).logits[:, -1]
 
 
 class _CausalSteps:
