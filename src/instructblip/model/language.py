@@ -68,6 +68,14 @@ def llm_class(text_config):
     return mapping[type(text_config)]
 
 
+def next_token_targets(visual: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The target of every position of ``[visual; text]`` (decoder-only): position t predicts token t+1, so the
+    labels shifted left by one, -100 on the visual tokens and after the last position (the labels move, not the
+    large logits)."""
+    ignore = labels.new_full(visual.shape[:2], -100)
+    return torch.cat([ignore[:, 1:], labels, labels.new_full((labels.shape[0], 1), -100)], dim=1)
+
+
 class LanguageModel(nn.Module):
     """Wraps a transformers LM (``hf_model``) with the InstructBLIP input layout, loss and generation."""
 
@@ -119,10 +127,8 @@ class LanguageModel(nn.Module):
         if self.kind == DECODER_ONLY:
             logits = self.hf_model(inputs_embeds=inputs_embeds, attention_mask=mask, use_cache=False).logits
             loss = None
-            if labels is not None:  # position t predicts token t+1: shift the labels, not the (large) logits
-                ignore = labels.new_full(visual.shape[:2], -100)
-                targets = torch.cat([ignore[:, 1:], labels, labels.new_full((labels.shape[0], 1), -100)], dim=1)
-                loss = token_mean_cross_entropy(logits, targets)
+            if labels is not None:
+                loss = token_mean_cross_entropy(logits, next_token_targets(visual, labels))
             return logits, loss
         if decoder_input_ids is None:
             if labels is None:
@@ -157,9 +163,7 @@ class LanguageModel(nn.Module):
         """
         if self.kind == DECODER_ONLY:
             inputs_embeds, mask = self.embed_with_visual(visual, input_ids, attention_mask)
-            # position t predicts token t+1: the targets are the labels shifted left, -100 on the visual tokens
-            ignore = labels.new_full(visual.shape[:2], -100)
-            targets = torch.cat([ignore[:, 1:], labels, labels.new_full((labels.shape[0], 1), -100)], dim=1)
+            targets = next_token_targets(visual, labels)
             rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)
             llm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": mask}
             if pack_sequences:
