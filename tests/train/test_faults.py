@@ -67,3 +67,37 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tiny_checkpoint, generat
                                                  r"faults.max_consecutive_nonfinite=2"):
         trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 2
+
+
+def test_a_nonfinite_gradient_with_a_finite_loss_skips_the_step(tiny_checkpoint, generated_data, tmp_path):
+    from instructblip.train.run import build
+
+    cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data, steps=3),
+                   "scheduler.warmup_steps=0", "optimizer.lr=1e-2"], tmp_path)
+    module, datamodule, trainer = build(cfg)
+    snapshots = Snapshots()
+    trainer.callbacks.append(snapshots)
+    poisoned = []
+
+    class PoisonOneGradient(pl.Callback):
+        """One inf in one gradient (the last trainable tensor, far from the loss), second micro-batch only."""
+
+        def on_train_start(self, trainer, pl_module):
+            name, param = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad][-1]
+            poisoned.append(name)
+
+            def poison_grad(grad):
+                if trainer.fit_loop.total_batch_idx == 1:
+                    grad = grad.clone()
+                    grad.view(-1)[0] = float("inf")
+                return grad
+
+            param.register_hook(poison_grad)
+
+    trainer.callbacks.append(PoisonOneGradient())
+    trainer.fit(module, datamodule=datamodule)
+
+    assert module.nonfinite_skipped == 1, poisoned
+    before, skipped = snapshots.after_step[0], snapshots.after_step[1]
+    assert all(torch.equal(before[k], skipped[k]) for k in before), "the step with an inf gradient changed weights"
+    assert all(torch.isfinite(v).all() for v in snapshots.after_step[-1].values())
