@@ -184,11 +184,18 @@ class Demo:
         from instructblip.shapesworld.language import LanguageConfig, pretrain_language
 
         recipe = self._recipe("shapesworld_llm")
+        # an explicit step or document count scales the curriculum's phases and focus documents alike
         if self.s.llm_steps is not None:
+            scale = self.s.llm_steps / recipe["steps"]
             recipe["steps"] = self.s.llm_steps
             recipe["warmup"] = min(recipe["warmup"], max(1, self.s.llm_steps // 5))
+            recipe["curriculum"] = [{**phase, "steps": max(1, round(phase["steps"] * scale))}
+                                    for phase in recipe.get("curriculum", [])]
         if self.s.llm_documents is not None:
+            scale = self.s.llm_documents / recipe["documents"]
             recipe["documents"] = self.s.llm_documents
+            recipe["focus_documents"] = {name: max(8, round(count * scale))
+                                         for name, count in recipe.get("focus_documents", {}).items()}
         pretrain_language(LanguageConfig(out=str(self.out / "llm"), seed=self.s.seed, **recipe),
                           progress=self.s.progress)
 

@@ -55,3 +55,65 @@ def test_the_loss_is_the_mean_of_per_document_means():
     # documents of very different answer lengths: a token mean would differ
     lengths = [len(row) - start for row, start in rows]
     assert len(set(lengths)) > 1
+
+
+def test_curriculum_batches_draw_each_phase_from_its_rows_sorted_by_length():
+    from instructblip.shapesworld.language import CurriculumBatches
+
+    lengths = [(7 * i) % 23 for i in range(40)]
+    first = list(range(16))
+    batches = list(CurriculumBatches(lengths, [(5, first), (6, list(range(40)))], batch_size=4, window=3, seed=0))
+    assert len(batches) == 11 and all(len(b) == 4 for b in batches)
+    assert all(set(b) <= set(first) for b in batches[:5])
+    assert set().union(*batches[5:]) - set(first), "the main phase draws from every row"
+    # the first window of the main phase: 3 batches cut from one length-sorted run of 12 rows
+    window = sorted(batches[5:8], key=lambda b: min(lengths[i] for i in b))
+    for low, high in zip(window, window[1:]):
+        assert max(lengths[i] for i in low) <= min(lengths[i] for i in high)
+    # a window (3 batches) comes from one pass through the phase's rows: no row twice
+    assert len(set().union(*batches[:3])) == 12
+
+
+def test_question_kinds_ask_that_sort_of_question():
+    import random
+
+    from instructblip.shapesworld import tasks, world
+
+    starts = {"color": "what color", "shape": "what shape", "size": "what size", "where": "where is",
+              "exists": "is there"}
+    rng = random.Random(0)
+    for _ in range(30):
+        scene = world.sample_scene(rng)
+        for kind, start in starts.items():
+            asked = tasks.attribute_question(rng, scene, kind)
+            if kind in ("size", "where", "exists"):
+                assert asked is not None
+            if asked is not None:
+                question, answer = asked
+                assert question.startswith(start)
+                if kind == "color":
+                    shape = question.split()[-1].rstrip("?")
+                    assert answer == next(s.color for s in scene.shapes if s.kind == shape)
+    docs = world_text.documents(12, seed=0, names=["shapesworld_vqa/where", "shapesworld_ocr_vqa"])
+    assert all("where is" in d.instruction for d in docs[::2])
+    assert all(d.answer in d.context for d in docs)
+
+
+def test_curriculum_pools_name_datasets_or_focus_documents():
+    import pytest
+
+    from instructblip.shapesworld.language import _pool_rows
+
+    named = {"": [None] * 24, "shapesworld_vqa/color": [None] * 5}
+    assert _pool_rows(named, ["shapesworld_vqa/color"], 24) == list(range(24, 29))
+    assert _pool_rows(named, ["shapesworld_caption"], 24) == [0, 12]
+    with pytest.raises(ValueError, match="shapesworld_vqa/color"):
+        _pool_rows(named, ["vqa"], 24)
+
+
+def test_unmarked_words_drop_the_marker_only():
+    marked = world_text.documents(24, seed=0, names=["shapesworld_ocr_vqa"])
+    unmarked = world_text.documents(24, seed=0, names=["shapesworld_ocr_vqa"], unmarked_words=1.0)
+    for a, b in zip(marked, unmarked):
+        assert "word " in a.context and "word " not in b.context
+        assert b.context == a.context.replace("word ", "") and b.answer in b.context

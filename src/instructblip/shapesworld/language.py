@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from instructblip.shapesworld import text as world_text
 from instructblip.shapesworld.tokenizer import train_tokenizer
@@ -38,6 +38,14 @@ class LanguageConfig:
     lr: float = 2e-3
     warmup: int = 100
     seed: int = 0
+    # more documents of some datasets (or "shapesworld_vqa/<kind>": one sort of question), beside the even spread
+    focus_documents: dict[str, int] = field(default_factory=dict)
+    # phases before the `steps` on every document, each {steps: N, pools: [names]}, drawing only from the documents
+    # of those names: the lookups are learnt one or two at a time (in the full mixture from the start, a 2-layer LM
+    # learns the one it meets most and stays near chance on the rest for thousands of steps)
+    curriculum: list[dict] = field(default_factory=list)
+    length_window: int = 8        # batches sorted by length together (1: random batches)
+    unmarked_words: float = 0.0   # share of documents naming the written word without "word" (text.documents)
 
 
 class _Sequences(Dataset):
@@ -49,6 +57,35 @@ class _Sequences(Dataset):
 
     def __getitem__(self, i):
         return self.rows[i]
+
+
+class CurriculumBatches(Sampler):
+    """The run's batches as lists of row indices: ``phases`` is ``[(steps, rows it draws from), ...]``. Each phase
+    goes through its rows in a shuffled order (again once used up); every ``window`` batches' rows are sorted by
+    length and the batches then shuffled, so that a batch pads to a length near its own rows' (the documents range
+    from 10 to 160 tokens)."""
+
+    def __init__(self, lengths: list[int], phases: list[tuple[int, list[int]]], batch_size: int, window: int,
+                 seed: int):
+        self.lengths, self.phases, self.batch_size, self.window, self.seed = lengths, phases, batch_size, window, seed
+
+    def __len__(self):
+        return sum(steps for steps, _ in self.phases)
+
+    def __iter__(self):
+        rng = random.Random(self.seed)
+        for steps, rows in self.phases:
+            order: list[int] = []
+            pending: list[list[int]] = []
+            for _ in range(steps):
+                if not pending:
+                    while len(order) < self.batch_size * self.window:
+                        order += rng.sample(rows, len(rows))
+                    window = sorted(order[: self.batch_size * self.window], key=self.lengths.__getitem__)
+                    del order[: self.batch_size * self.window]
+                    pending = [window[i: i + self.batch_size] for i in range(0, len(window), self.batch_size)]
+                    rng.shuffle(pending)
+                yield pending.pop()
 
 
 def encode_documents(tokenizer, docs: list[world_text.Document], max_length: int) -> list[tuple[list[int], int]]:
@@ -114,19 +151,49 @@ class CausalLMPretraining(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+def _pool_rows(named: dict[str, list], pools: list[str], spread: int) -> list[int]:
+    """Row indices of the documents a curriculum phase draws from: a focus name's own documents plus, for a dataset
+    name, its share of the even spread (every ``len(TASKS)``-th document of the first ``spread``)."""
+    from instructblip.shapesworld import tasks
+
+    starts, start = {}, 0
+    for name, group in named.items():
+        starts[name] = start
+        start += len(group)
+    names = list(tasks.TASKS)
+    rows = []
+    for pool in pools:
+        if pool in named and pool:
+            rows += range(starts[pool], starts[pool] + len(named[pool]))
+        if pool in names:
+            rows += range(names.index(pool), spread, len(names))
+        if pool not in named and pool not in names:
+            raise ValueError(f"curriculum pool {pool!r}: not a ShapesWorld dataset nor a key of focus_documents "
+                             f"({', '.join(k for k in named if k) or 'none'})")
+    if not rows:
+        raise ValueError(f"curriculum pools {pools} have no documents")
+    return rows
+
+
 def pretrain_language(cfg: LanguageConfig, progress: bool = True) -> Path:
     """Train the tokenizer, then the LM; write both to ``cfg.out``; returns that path."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(cfg.out)
     L.seed_everything(cfg.seed, verbose=False)
-    docs = world_text.documents(cfg.documents, cfg.seed)
+    named = {"": world_text.documents(cfg.documents, cfg.seed, unmarked_words=cfg.unmarked_words)}
+    for name, count in cfg.focus_documents.items():
+        named[name] = world_text.documents(count, cfg.seed + 1, [name], unmarked_words=cfg.unmarked_words)
     rng = random.Random(cfg.seed)
     # BLIP-2 stage 2 layout: scene, BOS, caption (no instruction)
-    captions = [d for d in docs if d.answer and d.instruction and d.context and rng.random() < 0.08]
-    docs = docs + [world_text.Document(d.context, "", d.answer) for d in captions]
+    captions = [d for d in named[""] if d.answer and d.instruction and d.context and rng.random() < 0.08]
+    named[""] = named[""] + [world_text.Document(d.context, "", d.answer) for d in captions]
+    docs = [doc for group in named.values() for doc in group]
     tokenizer = train_tokenizer(world_text.tokenizer_corpus(docs), cfg.tokenizer_vocab)
     rows = encode_documents(tokenizer, docs, cfg.max_length)
+    phases = [(phase["steps"], _pool_rows(named, phase["pools"], cfg.documents)) for phase in cfg.curriculum]
+    phases.append((cfg.steps, list(range(len(rows)))))
+    batches = CurriculumBatches([len(row) for row, _ in rows], phases, cfg.batch_size, cfg.length_window, cfg.seed)
     vocab = ((len(tokenizer) + 63) // 64) * 64
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -135,10 +202,9 @@ def pretrain_language(cfg: LanguageConfig, progress: bool = True) -> Path:
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)
-    module = CausalLMPretraining(model, tokenizer.pad_token_id, cfg.lr, cfg.warmup, cfg.steps)
-    loader = DataLoader(_Sequences(rows), batch_size=cfg.batch_size, shuffle=True, collate_fn=module.collate,
-                        drop_last=True)
-    trainer = L.Trainer(max_steps=cfg.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    module = CausalLMPretraining(model, tokenizer.pad_token_id, cfg.lr, cfg.warmup, len(batches))
+    loader = DataLoader(_Sequences(rows), batch_sampler=batches, collate_fn=module.collate)
+    trainer = L.Trainer(max_steps=len(batches), accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=progress, enable_model_summary=False, gradient_clip_val=1.0,
                         max_epochs=-1)
     trainer.fit(module, loader)

@@ -94,30 +94,40 @@ def _unique(items, key):
     return [item for item in items if counts[key(item)] == 1]
 
 
-def attribute_question(rng: random.Random, scene: Scene) -> tuple[str, str]:
-    """A held-in short-answer question about one shape: its colour, kind, size, cell, or whether one exists."""
+QUESTION_KINDS = ("color", "shape", "size", "where", "exists")
+
+
+def attribute_question(rng: random.Random, scene: Scene, kind: str | None = None) -> tuple[str, str] | None:
+    """A held-in short-answer question about one shape: its colour, kind, size, cell, or whether one exists.
+
+    ``kind`` (one of :data:`QUESTION_KINDS`) asks for that sort of question; None when the scene has none (no shape
+    of a unique kind to ask the colour of, say)."""
+    if kind is not None and kind not in QUESTION_KINDS:
+        raise ValueError(f"question kind {kind!r}; allowed: {', '.join(QUESTION_KINDS)}")
     shapes = scene.shapes
     options = []
     by_kind = _unique(shapes, lambda s: s.kind)
     by_color = _unique(shapes, lambda s: s.color)
     if by_kind:
         s = rng.choice(by_kind)
-        options.append((f"what color is the {s.kind}?", s.color))
+        options.append(("color", f"what color is the {s.kind}?", s.color))
     if by_color:
         s = rng.choice(by_color)
-        options.append((f"what shape is the {s.color} object?", s.kind))
+        options.append(("shape", f"what shape is the {s.color} object?", s.kind))
     s = rng.choice(shapes)
-    options.append((f"what size is the {s.color} {s.kind}?", s.size))
-    options.append((f"where is the {s.color} {s.kind}?", s.where))
+    options.append(("size", f"what size is the {s.color} {s.kind}?", s.size))
+    options.append(("where", f"where is the {s.color} {s.kind}?", s.where))
     present = {(x.color, x.kind) for x in shapes}
     if rng.random() < 0.5:
-        color, kind = rng.choice(sorted(present))
-        options.append((f"is there a {color} {kind}?", "yes"))
+        color, shape = rng.choice(sorted(present))
+        options.append(("exists", f"is there a {color} {shape}?", "yes"))
     else:
         absent = [(c, k) for c in COLORS for k in SHAPES if (c, k) not in present]
-        color, kind = rng.choice(absent)
-        options.append((f"is there a {color} {kind}?", "no"))
-    return rng.choice(options)
+        color, shape = rng.choice(absent)
+        options.append(("exists", f"is there a {color} {shape}?", "no"))
+    if kind is None:
+        return rng.choice(options)[1:]
+    return next((option[1:] for option in options if option[0] == kind), None)
 
 
 def count_question(rng: random.Random, scene: Scene) -> tuple[str, str]:

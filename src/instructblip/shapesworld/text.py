@@ -22,7 +22,7 @@ import random
 from dataclasses import dataclass
 
 from instructblip.data import templates
-from instructblip.shapesworld import tasks
+from instructblip.shapesworld import tasks, world
 
 
 @dataclass
@@ -32,19 +32,47 @@ class Document:
     answer: str
 
 
-def documents(n: int, seed: int, names: list[str] | None = None) -> list[Document]:
-    """``n`` documents spread evenly over ``names`` (default: every ShapesWorld dataset), split ``"lm"``."""
+def documents(n: int, seed: int, names: list[str] | None = None, unmarked_words: float = 0.0) -> list[Document]:
+    """``n`` documents spread evenly over ``names`` (default: every ShapesWorld dataset), split ``"lm"``.
+
+    In a share ``unmarked_words`` of them the scene text names its written word without the ``word`` before it
+    ("dog bottom." for "word dog bottom."): the LLM then learns to find the word by what it is, not only by the
+    token before it, which the Q-Former's query embeddings do not reproduce.
+
+    ``"shapesworld_vqa/<kind>"`` names VQA documents that all ask one sort of question (a kind of
+    :data:`tasks.QUESTION_KINDS`): the LLM's pretraining curriculum introduces its lookups one at a time."""
     names = names or list(tasks.TASKS)
     rng = random.Random(f"{seed}/text")
     out = []
     for index in range(n):
-        name = names[index % len(names)]
-        record, _, context = tasks.build(name, "lm", index, seed)
+        name, _, kind = names[index % len(names)].partition("/")
+        if kind:
+            record, context = _asking(name, kind, index, seed, rng)
+        else:
+            record, _, context = tasks.build(name, "lm", index, seed)
         info = tasks.TASKS[name].info
         instruction, answer = (templates.render_evaluation(record) if info.held_out
                                else templates.render(record, rng))
+        if unmarked_words and rng.random() < unmarked_words:
+            context = context.replace("word ", "")
         out.append(Document(context, instruction, answer))
     return out
+
+
+def _asking(name: str, kind: str, index: int, seed: int, rng: random.Random):
+    """A ``name`` record whose question is of sort ``kind``: the first scene from ``index`` on that has one (its
+    own index range, apart from the evenly spread documents')."""
+    if name != "shapesworld_vqa":
+        raise ValueError(f"{name}/{kind}: question kinds exist for shapesworld_vqa only")
+    offset = (1 + tasks.QUESTION_KINDS.index(kind)) * 10_000_000 if kind in tasks.QUESTION_KINDS else 0
+    for attempt in range(100):
+        record, _, context = tasks.build(name, "lm", offset + index * 100 + attempt, seed)
+        asked = tasks.attribute_question(rng, world.Scene.from_dict(record.extra["scene"]), kind)
+        if asked is not None:
+            record.question, answer = asked
+            record.answers = [answer] * len(record.answers)
+            return record, context
+    raise RuntimeError(f"no scene with a {kind!r} question in 100 draws")
 
 
 def tokenizer_corpus(docs: list[Document]):

@@ -1,0 +1,98 @@
+"""How well the ShapesWorld LLM answers from the true scene text: the ceiling of what the demo's InstructBLIP can
+reach with that frozen LLM (its queries stand where the scene text stood in the LLM's pretraining).
+
+    .venv/bin/python experiments/shapesworld_llm.py [llm=DIR] [recipe=conf/model/shapesworld_llm.yaml] [KEY=VALUE ...]
+                                                    [samples=100] [out=experiments/results/shapesworld_llm-DATE.json]
+
+With ``llm=DIR`` (a pretrained LLM, e.g. outputs/demo/llm) it only scores it; otherwise it pretrains one from the
+recipe (``KEY=VALUE`` sets a number of ``LanguageConfig``, e.g. ``steps=1200 lr=3e-3``) into a temporary directory first. Each
+held-in short-answer dataset and the held-out compositional one are scored on their val split with the evaluation
+prompt and greedy decoding, exact match against the first reference; VQA is also split by question kind. Prints
+one JSON line and writes it to ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from datetime import date
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = ("shapesworld_vqa", "shapesworld_count", "shapesworld_ocr_vqa", "shapesworld_compositional")
+
+
+def score(llm_dir: Path, samples: int) -> dict[str, float]:
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from instructblip.data import templates
+    from instructblip.shapesworld import tasks
+
+    tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
+    model = LlamaForCausalLM.from_pretrained(str(llm_dir)).eval()
+    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for name in DATASETS:
+        for index in range(samples):
+            record, _, context = tasks.build(name, "val", index, 0)
+            instruction, _ = templates.render_evaluation(record)
+            ids = (tokenizer(context, add_special_tokens=False)["input_ids"] + [tokenizer.bos_token_id]
+                   + tokenizer(instruction, add_special_tokens=False)["input_ids"])
+            with torch.no_grad():
+                out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            right = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip() == record.answers[0]
+            keys = [name.removeprefix("shapesworld_")]
+            if name == "shapesworld_vqa":
+                keys.append("vqa/" + next(kind for kind, start in QUESTION_STARTS.items()
+                                          if record.question.startswith(start)))
+            for key in keys:
+                hits[key][0] += right
+                hits[key][1] += 1
+    return {key: round(100 * right / total, 1) for key, (right, total) in hits.items()}
+
+
+QUESTION_STARTS = {"color": "what color", "shape": "what shape", "size": "what size", "where": "where is",
+                   "exists": "is there"}
+
+
+def main(argv: list[str]) -> None:
+    from omegaconf import OmegaConf
+
+    args = dict(arg.split("=", 1) for arg in argv)
+    samples = int(args.pop("samples", 100))
+    out = Path(args.pop("out", REPO / "experiments" / "results" / f"shapesworld_llm-{date.today()}.json"))
+    llm = args.pop("llm", None)
+    recipe_path = args.pop("recipe", str(REPO / "conf" / "model" / "shapesworld_llm.yaml"))
+    recipe = OmegaConf.to_container(OmegaConf.load(recipe_path))
+    from dataclasses import fields
+
+    from instructblip.shapesworld.language import LanguageConfig
+
+    scalars = {f.name: f.type for f in fields(LanguageConfig) if f.type in ("int", "float", int, float)}
+    for key, value in args.items():
+        if key not in scalars:
+            raise SystemExit(f"shapesworld_llm.py: {key}=...: allowed: {', '.join(scalars)}")
+        recipe[key] = int(float(value)) if scalars[key] in ("int", int) else float(value)
+    torch.set_num_threads(1)
+    result = {"date": str(date.today()), "command": " ".join(["experiments/shapesworld_llm.py", *argv])}
+    with tempfile.TemporaryDirectory() as tmp:
+        if llm is None:
+            from instructblip.shapesworld.language import pretrain_language
+
+            start = time.process_time()
+            llm = pretrain_language(LanguageConfig(out=tmp, **recipe), progress=False)
+            result["pretraining_cpu_s"] = round(time.process_time() - start, 1)
+            result["recipe"] = recipe
+        result["accuracy_from_scene_text"] = score(Path(llm), samples)
+    print(json.dumps(result))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
