@@ -33,14 +33,20 @@ def poison(module, bad_batches: set[int] | None):
     module.compute_loss = compute_loss
 
 
-def test_nonfinite_loss_skips_the_step_and_is_counted(tiny_checkpoint, generated_data, tmp_path):
+def build_with_snapshots(tiny_checkpoint, generated_data, tmp_path, steps: int):
+    """A smoke run (no warm-up, a learning rate that moves every weight) recording its weights after each step."""
     from instructblip.train.run import build
 
-    cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data, steps=4),
+    cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data, steps=steps),
                    "scheduler.warmup_steps=0", "optimizer.lr=1e-2"], tmp_path)
     module, datamodule, trainer = build(cfg)
     snapshots = Snapshots()
     trainer.callbacks.append(snapshots)
+    return module, datamodule, trainer, snapshots
+
+
+def test_nonfinite_loss_skips_the_step_and_is_counted(tiny_checkpoint, generated_data, tmp_path):
+    module, datamodule, trainer, snapshots = build_with_snapshots(tiny_checkpoint, generated_data, tmp_path, 4)
     poison(module, {1})
     trainer.fit(module, datamodule=datamodule)
 
@@ -70,13 +76,7 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tiny_checkpoint, generat
 
 
 def test_a_nonfinite_gradient_with_a_finite_loss_skips_the_step(tiny_checkpoint, generated_data, tmp_path):
-    from instructblip.train.run import build
-
-    cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data, steps=3),
-                   "scheduler.warmup_steps=0", "optimizer.lr=1e-2"], tmp_path)
-    module, datamodule, trainer = build(cfg)
-    snapshots = Snapshots()
-    trainer.callbacks.append(snapshots)
+    module, datamodule, trainer, snapshots = build_with_snapshots(tiny_checkpoint, generated_data, tmp_path, 3)
     poisoned = []
 
     class PoisonOneGradient(pl.Callback):
