@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from instructblip.data.length_grouping import length_grouped_batches
 from instructblip.shapesworld import text as world_text
 from instructblip.shapesworld.tokenizer import train_tokenizer
 
@@ -61,9 +62,9 @@ class _Sequences(Dataset):
 
 class CurriculumBatches(Sampler):
     """The run's batches as lists of row indices: ``phases`` is ``[(steps, rows it draws from), ...]``. Each phase
-    goes through its rows in a shuffled order (again once used up); every ``window`` batches' rows are sorted by
-    length and the batches then shuffled, so that a batch pads to a length near its own rows' (the documents range
-    from 10 to 160 tokens)."""
+    streams its rows in shuffled passes and cuts the stream into length-grouped batches (``window`` batches sorted
+    by length together, :func:`instructblip.data.length_grouping.length_grouped_batches`), so that a batch pads to a
+    length near its own rows' (the documents range from 10 to 160 tokens)."""
 
     def __init__(self, lengths: list[int], phases: list[tuple[int, list[int]]], batch_size: int, window: int,
                  seed: int):
@@ -74,18 +75,15 @@ class CurriculumBatches(Sampler):
 
     def __iter__(self):
         rng = random.Random(self.seed)
-        for steps, rows in self.phases:
-            order: list[int] = []
-            pending: list[list[int]] = []
-            for _ in range(steps):
-                if not pending:
-                    while len(order) < self.batch_size * self.window:
-                        order += rng.sample(rows, len(rows))
-                    window = sorted(order[: self.batch_size * self.window], key=self.lengths.__getitem__)
-                    del order[: self.batch_size * self.window]
-                    pending = [window[i: i + self.batch_size] for i in range(0, len(window), self.batch_size)]
-                    rng.shuffle(pending)
-                yield pending.pop()
+        for phase, (steps, rows) in enumerate(self.phases):
+            stream: list[int] = []
+            while len(stream) < steps * self.batch_size:
+                stream += rng.sample(rows, len(rows))
+            stream = stream[: steps * self.batch_size]
+            batches = length_grouped_batches([self.lengths[i] for i in stream], self.batch_size,
+                                             self.batch_size * self.window, seed=self.seed * 1000 + phase)
+            for batch in batches:
+                yield [stream[i] for i in batch]
 
 
 def encode_documents(tokenizer, docs: list[world_text.Document], max_length: int) -> list[tuple[list[int], int]]:
