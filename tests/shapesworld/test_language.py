@@ -117,3 +117,12 @@ def test_unmarked_words_drop_the_marker_only():
     for a, b in zip(marked, unmarked):
         assert "word " in a.context and "word " not in b.context
         assert b.context == a.context.replace("word ", "") and b.answer in b.context
+
+
+def test_question_kind_names_are_checked():
+    import pytest
+
+    with pytest.raises(ValueError, match="color, shape, size, where, exists"):
+        world_text.documents(2, seed=0, names=["shapesworld_vqa/colour"])
+    with pytest.raises(ValueError, match="shapesworld_vqa only"):
+        world_text.documents(2, seed=0, names=["shapesworld_count/color"])

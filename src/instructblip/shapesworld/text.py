@@ -62,9 +62,10 @@ def documents(n: int, seed: int, names: list[str] | None = None, unmarked_words:
 def _asking(name: str, kind: str, index: int, seed: int, rng: random.Random):
     """A ``name`` record whose question is of sort ``kind``: the first scene from ``index`` on that has one (its
     own index range, apart from the evenly spread documents')."""
-    if name != "shapesworld_vqa":
-        raise ValueError(f"{name}/{kind}: question kinds exist for shapesworld_vqa only")
-    offset = (1 + tasks.QUESTION_KINDS.index(kind)) * 10_000_000 if kind in tasks.QUESTION_KINDS else 0
+    if name != "shapesworld_vqa" or kind not in tasks.QUESTION_KINDS:
+        raise ValueError(f"{name}/{kind}: question kinds ({', '.join(tasks.QUESTION_KINDS)}) exist for "
+                         "shapesworld_vqa only")
+    offset = (1 + tasks.QUESTION_KINDS.index(kind)) * 10_000_000
     for attempt in range(100):
         record, _, context = tasks.build(name, "lm", offset + index * 100 + attempt, seed)
         asked = tasks.attribute_question(rng, world.Scene.from_dict(record.extra["scene"]), kind)
