@@ -67,6 +67,47 @@ def test_causal_text_mode_keeps_queries_text_blind():
     assert not torch.allclose(causal[:, :num_queries], bidirectional[:, :num_queries])
 
 
+@pytest.mark.parametrize("causal_text", [False, True])
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_queries_only_skips_the_last_layers_text_rows_with_the_same_outputs_and_gradients(causal_text, checkpointed):
+    """The last layer's text rows feed nothing when only the queries are used: skipping them changes no number."""
+    qformer = QFormer(SMALL).eval()
+    qformer.activation_checkpointing = checkpointed
+    queries, ids, mask, image = _inputs()
+    num_queries = SMALL.num_query_tokens
+
+    def run(queries_only: bool):
+        qformer.zero_grad()
+        leaf_queries = queries.clone().requires_grad_(True)
+        out = qformer(leaf_queries, ids, mask, image, causal_text=causal_text, queries_only=queries_only)
+        if not queries_only:
+            assert out.shape[1] == num_queries + ids.shape[1]
+            out = out[:, :num_queries]
+        out.pow(2).sum().backward()
+        grads = {name: p.grad.clone() for name, p in qformer.named_parameters() if p.grad is not None}
+        return out.detach(), leaf_queries.grad, grads
+
+    full, full_query_grad, full_grads = run(False)
+    pruned, pruned_query_grad, pruned_grads = run(True)
+    assert pruned.shape == (2, num_queries, SMALL.hidden_size)
+    assert_relative_close(pruned, full)
+    assert_relative_close(pruned_query_grad, full_query_grad)
+    # The last layer's text FFN got no gradient (it did not run) and had none to get: its output was discarded.
+    last_text_ffn = {n for n in full_grads if n.startswith(f"layers.{SMALL.num_layers - 1}.text_ffn.")}
+    assert last_text_ffn and all(full_grads[n].abs().max() == 0 for n in last_text_ffn)
+    assert set(full_grads) - set(pruned_grads) == last_text_ffn
+    scale = max(g.abs().max().item() for g in full_grads.values())
+    for name, grad in pruned_grads.items():  # some are zero in exact arithmetic (key biases): absolute floor
+        torch.testing.assert_close(grad, full_grads[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+def test_queries_only_needs_queries():
+    qformer = QFormer(SMALL)
+    _, ids, mask, _ = _inputs()
+    with pytest.raises(ValueError, match="queries_only"):
+        qformer(input_ids=ids, attention_mask=mask, queries_only=True)
+
+
 def test_text_only_mode_matches_transformers_bert():
     """Text-only (image-text contrastive features) with MiniLM-L6 weights = transformers' BertModel."""
     from safetensors.torch import load_file

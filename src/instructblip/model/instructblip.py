@@ -222,8 +222,7 @@ class InstructBlip(nn.Module):
             qformer_input_ids = qformer_attention_mask = None
         elif qformer_input_ids is None:
             raise ValueError("an instruction-aware model needs qformer_input_ids (the instruction's BERT tokens)")
-        hidden = self.qformer(queries, qformer_input_ids, qformer_attention_mask, image_embeds)
-        return hidden[:, : queries.shape[1]]
+        return self.qformer(queries, qformer_input_ids, qformer_attention_mask, image_embeds, queries_only=True)
 
     # ------------------------------------------------------------------------------------------------ training
 

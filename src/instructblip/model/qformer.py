@@ -98,9 +98,18 @@ class QFormerAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
 
     def forward(
-        self, hidden: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        rows: int | None = None,
     ) -> torch.Tensor:
+        """``rows``: self-attention output for the first ``rows`` positions only (they still attend to all)."""
         context = hidden if context is None else context
+        if rows is not None:
+            hidden = hidden[:, :rows]
+            if mask is not None and mask.shape[-2] > 1:
+                mask = mask[..., :rows, :]
         batch, length, width = hidden.shape
         heads = self.num_heads
 
@@ -148,8 +157,10 @@ class QFormerLayer(nn.Module):
         num_queries: int,
         self_mask: torch.Tensor | None,
         image_embeds: torch.Tensor | None,
+        queries_only: bool = False,
     ) -> torch.Tensor:
-        hidden = self.self_attention(hidden, mask=self_mask)
+        """``queries_only``: compute and return the query positions alone (the text rows' outputs are not needed)."""
+        hidden = self.self_attention(hidden, mask=self_mask, rows=num_queries if queries_only else None)
         queries, text = hidden[:, :num_queries], hidden[:, num_queries:]
         outputs = []
         if num_queries:
@@ -239,13 +250,20 @@ class QFormer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         causal_text: bool = False,
+        queries_only: bool = False,
     ) -> torch.Tensor:
         """Returns the last hidden states (B, num_queries + text length, hidden); queries come first.
 
         ``attention_mask`` (B, L) is the text padding mask (1 = token); queries are always visible.
+        ``queries_only``: return (B, num_queries, hidden) for callers that use only the query outputs (the LLM's
+        visual tokens, BLIP-2's image-text matching). The text positions of the last layer then feed nothing, so
+        that layer computes the query rows alone (its text self-attention rows and text FFN are skipped): the same
+        query outputs and gradients for less work.
         """
         if query_embeds is None and input_ids is None:
             raise ValueError("QFormer.forward needs query_embeds, input_ids or both")
+        if queries_only and query_embeds is None:
+            raise ValueError("queries_only=True needs query_embeds")
         num_queries = 0 if query_embeds is None else query_embeds.shape[1]
         text_length = 0 if input_ids is None else input_ids.shape[1]
         hidden = self.embeddings(query_embeds, input_ids)
@@ -255,12 +273,14 @@ class QFormer(nn.Module):
         )
         if image_embeds is not None:
             image_embeds = image_embeds.to(hidden.dtype)
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            rows_only = queries_only and index == last
             if self.activation_checkpointing and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, num_queries, mask, image_embeds, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, num_queries, mask, image_embeds, rows_only, use_reentrant=False)
             else:
-                hidden = layer(hidden, num_queries, mask, image_embeds)
-        return hidden
+                hidden = layer(hidden, num_queries, mask, image_embeds, rows_only)
+        return hidden[:, :num_queries] if queries_only else hidden
 
 
 class QFormerLMHead(nn.Module):

@@ -116,7 +116,7 @@ class Blip2Stage1(nn.Module):
         itm_mask = torch.cat([text_attention_mask, text_attention_mask, text_attention_mask[negative_text]])
         itm_images = torch.cat([image_embeds, image_embeds[negative_image], image_embeds])
         itm_queries = self.query_tokens.expand(itm_ids.shape[0], -1, -1)
-        itm_out = self.qformer(itm_queries, itm_ids, itm_mask, itm_images)[:, :num_queries]
+        itm_out = self.qformer(itm_queries, itm_ids, itm_mask, itm_images, queries_only=True)
         itm_logits = self.itm_head(itm_out).mean(dim=1)
         itm_labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(pixel_values.device)
         if batch == 1:
