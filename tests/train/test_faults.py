@@ -101,3 +101,41 @@ def test_a_nonfinite_gradient_with_a_finite_loss_skips_the_step(tiny_checkpoint,
     before, skipped = snapshots.after_step[0], snapshots.after_step[1]
     assert all(torch.equal(before[k], skipped[k]) for k in before), "the step with an inf gradient changed weights"
     assert all(torch.isfinite(v).all() for v in snapshots.after_step[-1].values())
+
+
+def test_clipping_uses_the_norm_of_the_nonfinite_check_and_clips_like_torch(
+    tiny_checkpoint, generated_data, tmp_path, monkeypatch
+):
+    """With gradient_clip_val set the gradients reach AdamW scaled to that norm, as clip_grad_norm_ scales them, and
+    the norm is taken once per step (Lightning's clip_grad_norm_, which would take it again, is not called)."""
+    module, datamodule, trainer, _ = build_with_snapshots(tiny_checkpoint, generated_data, tmp_path, 3)
+    trainer.gradient_clip_val = 1e-3  # far below the gradients' norm: every step clips
+    raw, clipped = [], []
+
+    def grads(params):
+        return {id(p): p.grad.clone() for p in params if p.grad is not None}
+
+    class GradientsAroundClipping(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            trainer.optimizers[0].register_step_post_hook(
+                lambda opt, args, kwargs: clipped.append(grads(p for g in opt.param_groups for p in g["params"]))
+            )
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # runs before the module's hook
+            raw.append(grads(pl_module.parameters()))
+
+    def second_norm(*args, **kwargs):
+        raise AssertionError("the gradient norm was taken a second time")
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", second_norm)
+    trainer.callbacks.append(GradientsAroundClipping())
+    trainer.fit(module, datamodule=datamodule)
+
+    assert len(raw) == len(clipped) == 3
+    for before, after in zip(raw, clipped):
+        norm = torch.nn.utils.get_total_norm(list(before.values()))
+        assert norm > 10 * trainer.gradient_clip_val
+        scale = trainer.gradient_clip_val / (norm + 1e-6)  # clip_grad_norm_'s coefficient
+        assert after.keys() == before.keys()
+        for key, grad in before.items():
+            torch.testing.assert_close(after[key], grad * scale)

@@ -124,6 +124,7 @@ class InstructBlipModule(pl.LightningModule):
         self._frozen: list[nn.Module] = []
         # non-finite guard and counters (saved in the checkpoint so a resumed run keeps counting)
         self.nonfinite_in_window = False
+        self._grad_norm: torch.Tensor | None = None  # this step's, from on_before_optimizer_step
         self.nonfinite_in_a_row = 0
         self.nonfinite_skipped = 0
         self.samples_seen: Counter = Counter()
@@ -234,9 +235,9 @@ class InstructBlipModule(pl.LightningModule):
         fifth of a ShapesWorld training step on CPU: the Q-Former's 30522-word embedding gradient alone is 11.7M
         values); a gradient so large that its squares overflow counts as non-finite too."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        bad = self.nonfinite_in_window or (
-            bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-        )
+        # kept for configure_gradient_clipping, which runs next: clipping needs this very norm
+        self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        bad = self.nonfinite_in_window or (self._grad_norm is not None and not bool(torch.isfinite(self._grad_norm)))
         bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         self.nonfinite_in_window = False
         if not bad:
@@ -253,6 +254,21 @@ class InstructBlipModule(pl.LightningModule):
                 f"{self.global_step}, limit faults.max_consecutive_nonfinite={self.max_consecutive_nonfinite}); "
                 "the run is diverging: lower optimizer.lr, raise scheduler.warmup_steps or check the data"
             )
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by the global norm that ``on_before_optimizer_step`` has just taken (Lightning's own clipping would
+        take it a second time: one more pass over every gradient, the Q-Former's embedding table included).
+
+        Only where every rank holds whole gradients (one device, DDP); sharded strategies (FSDP, DeepSpeed) and
+        clipping by value keep Lightning's clipping."""
+        norm, self._grad_norm = self._grad_norm, None
+        whole_gradients = type(self.trainer.strategy).__name__ in ("SingleDeviceStrategy", "DDPStrategy")
+        by_norm = (gradient_clip_algorithm or "norm") == "norm"
+        if gradient_clip_val is None or not by_norm or norm is None or not whole_gradients:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
 
     # ------------------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
