@@ -105,6 +105,7 @@ class InstructBlipModule(pl.LightningModule):
         validation: dict | None = None,
         parallelize: Callable | None = None,
         compile: bool | str = False,
+        frozen_llm_dropout: bool = True,
     ):
         super().__init__()
         self.model_factory = model
@@ -115,6 +116,9 @@ class InstructBlipModule(pl.LightningModule):
         self.max_consecutive_nonfinite = int(max_consecutive_nonfinite)
         self.validation_settings = dict(validation or {})
         self.parallelize_fn = parallelize
+        # LAVIS freezes the LLM's weights but leaves it in train mode: FlanT5's dropout (0.1) stays on in training
+        # (Vicuna/LLaMA has none); the vision trunk it keeps in eval mode
+        self.frozen_llm_dropout = bool(frozen_llm_dropout)
         # True: inductor; a string names another torch.compile backend ("aot_eager" checks the wrapping on a CPU)
         self.compile_backend = ("inductor" if compile is True else compile) or None
         self.model: nn.Module | None = None
@@ -169,8 +173,11 @@ class InstructBlipModule(pl.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for module in self._frozen:  # dropout off and no statistics updates in the frozen towers, as LAVIS
-            module.eval()
+        llm = getattr(self.model, "llm", None)
+        in_llm = {id(m) for m in llm.modules()} if llm is not None and self.frozen_llm_dropout else set()
+        for module in self._frozen:  # no dropout and no statistics updates in the frozen vision trunk, as LAVIS
+            if id(module) not in in_llm:
+                module.eval()
         return self
 
     def configure_optimizers(self):
