@@ -200,9 +200,10 @@ class LanguageModel(nn.Module):
         each block keeps only its inputs for the backward pass and recomputes the rest there.
 
         Not transformers' ``gradient_checkpointing_enable``: it checkpoints a block only while the block is in
-        training mode, and a frozen LLM trains in eval mode (no dropout, as in LAVIS), so it would silently do
-        nothing. torch's composable ``checkpoint`` (non-reentrant) works through module hooks in either mode and
-        leaves parameter names, state dicts and FSDP units as they are.
+        training mode, and a frozen LLM may train in eval mode (``stage.module.frozen_llm_dropout=false``), where it
+        would silently do nothing. torch's composable ``checkpoint`` (non-reentrant, the RNG state kept, so the
+        recomputed dropout masks are the same) works through module hooks in either mode and leaves parameter names,
+        state dicts and FSDP units as they are.
         """
         from torch.distributed._composable import checkpoint
         from transformers.modeling_layers import GradientCheckpointingLayer
