@@ -47,6 +47,7 @@ class LanguageConfig:
     curriculum: list[dict] = field(default_factory=list)
     length_window: int = 8        # batches sorted by length together (1: random batches)
     unmarked_words: float = 0.0   # share of documents naming the written word without "word" (text.documents)
+    shuffled_objects: float = 0.0  # share of documents listing the scene's objects in a random order (text.documents)
 
 
 class _Sequences(Dataset):
@@ -179,9 +180,10 @@ def pretrain_language(cfg: LanguageConfig, progress: bool = True) -> Path:
 
     out = Path(cfg.out)
     L.seed_everything(cfg.seed, verbose=False)
-    named = {"": world_text.documents(cfg.documents, cfg.seed, unmarked_words=cfg.unmarked_words)}
+    text_options = {"unmarked_words": cfg.unmarked_words, "shuffled_objects": cfg.shuffled_objects}
+    named = {"": world_text.documents(cfg.documents, cfg.seed, **text_options)}
     for name, count in cfg.focus_documents.items():
-        named[name] = world_text.documents(count, cfg.seed + 1, [name], unmarked_words=cfg.unmarked_words)
+        named[name] = world_text.documents(count, cfg.seed + 1, [name], **text_options)
     rng = random.Random(cfg.seed)
     # BLIP-2 stage 2 layout: scene, BOS, caption (no instruction)
     captions = [d for d in named[""] if d.answer and d.instruction and d.context and rng.random() < 0.08]

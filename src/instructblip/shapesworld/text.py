@@ -19,6 +19,7 @@ multimodal model: the LLM knows the question formats, not the pictures.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from instructblip.data import templates
@@ -32,17 +33,24 @@ class Document:
     answer: str
 
 
-def documents(n: int, seed: int, names: list[str] | None = None, unmarked_words: float = 0.0) -> list[Document]:
+def documents(n: int, seed: int, names: list[str] | None = None, unmarked_words: float = 0.0,
+              shuffled_objects: float = 0.0) -> list[Document]:
     """``n`` documents spread evenly over ``names`` (default: every ShapesWorld dataset), split ``"lm"``.
 
     In a share ``unmarked_words`` of them the scene text names its written word without the ``word`` before it
     ("dog bottom." for "word dog bottom."): the LLM then learns to find the word by what it is, not only by the
     token before it, which the Q-Former's query embeddings do not reproduce.
 
+    In a share ``shuffled_objects`` of them the scene text lists its objects in a random order instead of cell by
+    cell (:func:`shuffle_objects`): the LLM then finds an object by its words, not by where in the text it stands,
+    and the Q-Former's queries carry no cell order either. Its draws come from a random stream of their own, so
+    the documents' instructions and answers are those of ``shuffled_objects=0``.
+
     ``"shapesworld_vqa/<kind>"`` names VQA documents that all ask one sort of question (a kind of
     :data:`tasks.QUESTION_KINDS`): the LLM's pretraining curriculum introduces its lookups one at a time."""
     names = names or list(tasks.TASKS)
     rng = random.Random(f"{seed}/text")
+    order_rng = random.Random(f"{seed}/object-order")
     out = []
     for index in range(n):
         name, _, kind = names[index % len(names)].partition("/")
@@ -55,8 +63,27 @@ def documents(n: int, seed: int, names: list[str] | None = None, unmarked_words:
                                else templates.render(record, rng))
         if unmarked_words and rng.random() < unmarked_words:
             context = context.replace("word ", "")
+        if shuffled_objects and order_rng.random() < shuffled_objects:
+            context = shuffle_objects(context, order_rng)
         out.append(Document(context, instruction, answer))
     return out
+
+
+_FRAME = re.compile(r"(frame \d+: )")
+
+
+def shuffle_objects(context: str, rng: random.Random) -> str:
+    """``context`` (``world.compact``'s "large red circle top left. word cat right.", or the video's "frame 1: ...
+    frame 2: ...") with the objects of each scene in a random order; frame headers stay where they are."""
+    pieces = []
+    for piece in _FRAME.split(context):
+        if not piece.strip() or _FRAME.fullmatch(piece):
+            pieces.append(piece)
+            continue
+        objects = piece.strip().removesuffix(".").split(". ")
+        rng.shuffle(objects)
+        pieces.append(". ".join(objects) + "." + (" " if piece.endswith(" ") else ""))
+    return "".join(pieces)
 
 
 def _asking(name: str, kind: str, index: int, seed: int, rng: random.Random):
