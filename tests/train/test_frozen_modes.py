@@ -1,5 +1,6 @@
 """Which frozen parts train with dropout: the vision trunk never; the LLM as in LAVIS (kept in train mode, so
-FlanT5's dropout is on), unless ``stage.module.frozen_llm_dropout=false``."""
+FlanT5's dropout is on), unless ``stage.module.frozen_llm_dropout=false``. And the parameters no output depends on
+(the last Q-Former layer's text branch) stay frozen."""
 
 from __future__ import annotations
 
@@ -44,6 +45,12 @@ def test_the_frozen_llm_keeps_its_dropout_as_lavis_and_the_trunk_never(
     modes = Modes()
     trainer.callbacks.append(modes)
     trainer.fit(module, datamodule=datamodule)
+    unused = module.model.unused_parameter_names()
+    params = dict(module.model.named_parameters())
+    assert unused and all(name.startswith("qformer.layers.1.text_ffn.") for name in unused)
+    assert set(unused) <= set(module.frozen_names) and not set(unused) & set(module.trainable_names)
+    assert not any(params[name].requires_grad for name in unused)
+    assert any(params[name].requires_grad for name in module.trainable_names if name.startswith("qformer.layers.1."))
 
     assert module.model.llm.text_config.dropout_rate > 0  # FlanT5-like: there is a dropout to keep or switch off
     # the second step comes after a validation pass, which switched everything to eval and back

@@ -172,6 +172,17 @@ class InstructBlip(nn.Module):
     def device(self) -> torch.device:
         return self.query_tokens.device
 
+    def unused_parameter_names(self) -> list[str]:
+        """Parameters no output of this model depends on: the last Q-Former layer's text feed-forward branch (only
+        the query outputs go on, so that branch never runs; see ``QFormer.forward(queries_only=True)``). They stay
+        in the checkpoint layout; training keeps them frozen (DDP expects every trained parameter to get a
+        gradient)."""
+        last = len(self.qformer.layers) - 1
+        text_ffn = self.qformer.layers[last].text_ffn
+        if text_ffn is None:
+            return []
+        return [f"qformer.layers.{last}.text_ffn.{name}" for name, _ in text_ffn.named_parameters()]
+
     # ------------------------------------------------------------------------------------------------ encoding
 
     def encode_images(

@@ -143,6 +143,13 @@ class InstructBlipModule(pl.LightningModule):
         model = self.model_factory()
         self.processor = getattr(model, "processor", None)
         self.trainable_names, self.frozen_names = select_trainable(model, self.trainable_prefixes)
+        unused = set(getattr(model, "unused_parameter_names", list)())
+        if unused:  # they would get no gradient, which DDP refuses; frozen, they stay as loaded
+            for name, param in model.named_parameters():
+                if name in unused:
+                    param.requires_grad_(False)
+            self.frozen_names += [n for n in self.trainable_names if n in unused]
+            self.trainable_names = [n for n in self.trainable_names if n not in unused]
         self._frozen = frozen_modules(model)
         self.model = model
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
