@@ -35,7 +35,8 @@ def _loss_and_grads(model: InstructBlip, batch: dict, pack: bool):
         model.zero_grad(set_to_none=True)
         out = model(**batch, return_logits=False)
         out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        unused = set(model.unused_parameter_names())  # no gradient: the last Q-Former text branch never runs
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and n not in unused}
     finally:
         model.config.pack_sequences = False
         model.zero_grad(set_to_none=True)
