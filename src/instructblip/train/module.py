@@ -143,6 +143,9 @@ class InstructBlipModule(pl.LightningModule):
         model = self.model_factory()
         self.processor = getattr(model, "processor", None)
         self.trainable_names, self.frozen_names = select_trainable(model, self.trainable_prefixes)
+        # the towers (eval mode, and bf16 on a GPU), found before the unused parameters below join the frozen set:
+        # those stay in the dtype of the module they belong to
+        self._frozen = frozen_modules(model)
         unused = set(getattr(model, "unused_parameter_names", list)())
         if unused:  # they would get no gradient, which DDP refuses; frozen, they stay as loaded
             for name, param in model.named_parameters():
@@ -150,7 +153,6 @@ class InstructBlipModule(pl.LightningModule):
                     param.requires_grad_(False)
             self.frozen_names += [n for n in self.trainable_names if n in unused]
             self.trainable_names = [n for n in self.trainable_names if n not in unused]
-        self._frozen = frozen_modules(model)
         self.model = model
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         sharded = self.parallelize_fn is not None or type(self.trainer.strategy).__name__ == "ModelParallelStrategy"
