@@ -16,6 +16,9 @@ each held-out task's margin over chance; then the paper's three comparisons as p
 InstructBLIP - BLIP-2, instruction-aware - not (``instructblip`` - ``no_instruction_aware``), balanced -
 proportional sampling (``instructblip`` - ``proportional``). sd is the sample standard deviation over seeds.
 Prints a Markdown table and writes the numbers as JSON to ``--out``.
+
+``--baseline DIR ...`` (one folder per run, the same seeds in the same order) adds, for each model and quantity,
+the paired per-seed difference run - baseline: a change of configuration measured against the seed spread.
 """
 
 from __future__ import annotations
@@ -95,6 +98,20 @@ def aggregate(reports: list[dict]) -> dict:
     return {"models": per_model, "comparisons": comparisons, "chance": chance}
 
 
+def versus(reports: list[dict], baselines: list[dict]) -> dict:
+    """Per model and quantity, the paired per-seed differences ``reports`` - ``baselines``."""
+    out = {}
+    for model in MODELS:
+        runs = [model_numbers(r, model) for r in reports]
+        bases = [model_numbers(b, model) for b in baselines]
+        if not any(runs) or not any(bases):
+            continue
+        keys = [k for k in dict.fromkeys(k for run in runs for k in run) if not k.startswith("above_chance/")]
+        out[model] = {k: stats([r[k] - b[k] if r.get(k) is not None and b.get(k) is not None else None
+                                for r, b in zip(runs, bases)]) for k in keys}
+    return out
+
+
 def _cell(s: dict) -> str:
     if s["mean"] is None:
         return "-"
@@ -118,12 +135,19 @@ def markdown(result: dict) -> str:
         for name, numbers in result["comparisons"].items():
             lines += [f"| {name} | {key} | {_cell(s)} | {_values(s)} |" for key, s in numbers.items()]
         lines.append("")
+    for model, numbers in result.get("versus_baseline", {}).items():
+        lines += [f"### {model} - baseline (paired per-seed differences)", "",
+                  f"| quantity | mean ± sd | per seed ({seeds}) |", "|---|---|---|"]
+        lines += [f"| {key} | {_cell(s)} | {_values(s)} |" for key, s in numbers.items()]
+        lines.append("")
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="demo output folders (each with report.json)")
+    parser.add_argument("--baseline", nargs="+", type=Path, default=[],
+                        help="baseline demo folders, one per run, the same seeds in the same order")
     parser.add_argument("--out", type=Path,
                         default=REPO / "experiments" / "results" / f"demo_seeds-{date.today()}.json")
     args = parser.parse_args(argv)
@@ -141,6 +165,13 @@ def main(argv: list[str]) -> None:
               "command": " ".join(["experiments/demo_seeds.py", *argv]),
               "runs": [{"dir": str(run), "seed": seed} for run, seed in zip(args.runs, seeds)],
               **aggregate(reports)}
+    if args.baseline:
+        baselines = [load(run) for run in args.baseline]
+        base_seeds = [b["settings"].get("seed") for b in baselines]
+        if base_seeds != seeds:
+            raise SystemExit(f"demo_seeds.py: --baseline seeds {base_seeds} differ from the runs' seeds {seeds}")
+        result["baseline_runs"] = [str(run) for run in args.baseline]
+        result["versus_baseline"] = versus(reports, baselines)
     print(markdown(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
