@@ -48,16 +48,11 @@ def score(llm_dir: Path, samples: int) -> dict[str, float]:
             right = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip() == record.answers[0]
             keys = [name.removeprefix("shapesworld_")]
             if name == "shapesworld_vqa":
-                keys.append("vqa/" + next(kind for kind, start in QUESTION_STARTS.items()
-                                          if record.question.startswith(start)))
+                keys.append("vqa/" + tasks.question_kind(record.question))
             for key in keys:
                 hits[key][0] += right
                 hits[key][1] += 1
     return {key: round(100 * right / total, 1) for key, (right, total) in hits.items()}
-
-
-QUESTION_STARTS = {"color": "what color", "shape": "what shape", "size": "what size", "where": "where is",
-                   "exists": "is there"}
 
 
 def main(argv: list[str]) -> None:

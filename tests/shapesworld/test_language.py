@@ -90,7 +90,7 @@ def test_question_kinds_ask_that_sort_of_question():
                 assert asked is not None
             if asked is not None:
                 question, answer = asked
-                assert question.startswith(start)
+                assert question.startswith(start) and tasks.question_kind(question) == kind
                 if kind == "color":
                     shape = question.split()[-1].rstrip("?")
                     assert answer == next(s.color for s in scene.shapes if s.kind == shape)

@@ -94,7 +94,18 @@ def _unique(items, key):
     return [item for item in items if counts[key(item)] == 1]
 
 
-QUESTION_KINDS = ("color", "shape", "size", "where", "exists")
+# the sorts of held-in attribute question, each by how attribute_question opens it
+QUESTION_OPENINGS = {"color": "what color is", "shape": "what shape is", "size": "what size is",
+                     "where": "where is", "exists": "is there"}
+QUESTION_KINDS = tuple(QUESTION_OPENINGS)
+
+
+def question_kind(question: str) -> str:
+    """The sort (a :data:`QUESTION_KINDS` name) of a question ``attribute_question`` wrote."""
+    kind = next((k for k, opening in QUESTION_OPENINGS.items() if question.startswith(opening)), None)
+    if kind is None:
+        raise ValueError(f"not an attribute question: {question!r}")
+    return kind
 
 
 def attribute_question(rng: random.Random, scene: Scene, kind: str | None = None) -> tuple[str, str] | None:
