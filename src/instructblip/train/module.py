@@ -31,6 +31,7 @@ from instructblip.errors import CheckpointError, ConfigError, InstructBlipError
 from instructblip.train.data import position_seed
 
 BOOKKEEPING_KEYS = ("dataset", "sample_index")
+LOSS_WEIGHTINGS = ("token", "sample")
 
 
 class NonFiniteLossError(InstructBlipError):
@@ -106,6 +107,7 @@ class InstructBlipModule(pl.LightningModule):
         parallelize: Callable | None = None,
         compile: bool | str = False,
         frozen_llm_dropout: bool = True,
+        loss_weighting: str = "token",
     ):
         super().__init__()
         self.model_factory = model
@@ -119,6 +121,11 @@ class InstructBlipModule(pl.LightningModule):
         # LAVIS freezes the LLM's weights but leaves it in train mode: FlanT5's dropout (0.1) stays on in training
         # (Vicuna/LLaMA has none); the vision trunk it keeps in eval mode
         self.frozen_llm_dropout = bool(frozen_llm_dropout)
+        # "token" (LAVIS): the mean over every answer token of the micro-batch, so a 30-token description weighs 15
+        # one-word answers; "sample": the mean of each sample's own token mean, every sample weighing the same
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"stage.module.loss_weighting={loss_weighting!r}; allowed: {', '.join(LOSS_WEIGHTINGS)}")
+        self.loss_weighting = loss_weighting
         # True: inductor; a string names another torch.compile backend ("aot_eager" checks the wrapping on a CPU)
         self.compile_backend = ("inductor" if compile is True else compile) or None
         self.model: nn.Module | None = None
@@ -201,10 +208,14 @@ class InstructBlipModule(pl.LightningModule):
         return {k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS}
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(mean loss, per-sample loss or None) of one micro-batch. The model skips the full logits (the LM head runs
-        on the labelled positions only) and returns the per-row losses itself."""
+        """(loss, per-sample loss or None) of one micro-batch, the loss weighted by ``loss_weighting``. The model
+        skips the full logits (the LM head runs on the labelled positions only) and returns the per-row losses."""
         output = self.model(**self._model_inputs(batch), return_logits=False)
-        return output.loss, output.per_sample_loss.detach()
+        per_sample = output.per_sample_loss
+        if self.loss_weighting == "sample":
+            labelled = (batch["labels"] != -100).any(dim=1).to(per_sample.device)
+            return per_sample[labelled].mean(), per_sample.detach()
+        return output.loss, per_sample.detach()
 
     def training_step(self, batch: dict, batch_idx: int):
         datamodule = self.trainer.datamodule
