@@ -126,3 +126,49 @@ def test_question_kind_names_are_checked():
         world_text.documents(2, seed=0, names=["shapesworld_vqa/colour"])
     with pytest.raises(ValueError, match="shapesworld_vqa only"):
         world_text.documents(2, seed=0, names=["shapesworld_count/color"])
+
+
+def test_pooled_contexts_stand_each_object_in_one_position_with_its_words_mean_embedding():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from instructblip.shapesworld.language import pooled_context
+
+    docs, tokenizer = _setup()
+    docs = [d for d in docs if d.context.count(".") >= 2][:4]
+    assert len(docs) == 4
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    for doc in docs:  # one tuple per sentence, holding that sentence's ids: the context's ids without the periods
+        groups = pooled_context(tokenizer, doc.context)
+        assert len(groups) == len([s for s in doc.context.split(".") if s.strip()])
+        periods = {i for i in ids(doc.context) if tokenizer.convert_ids_to_tokens(i).strip("▁") == "."}
+        assert periods and [t for g in groups for t in g] == [i for i in ids(doc.context) if i not in periods]
+
+    pooled = [True, False, True, False]
+    rows = encode_documents(tokenizer, docs, max_length=160, pooled=pooled)
+    for doc, (row, start), is_pooled in zip(docs, rows, pooled):
+        context_positions = len(pooled_context(tokenizer, doc.context)) if is_pooled else len(ids(doc.context))
+        assert start == context_positions + 1 + len(ids(doc.instruction))
+        assert all(isinstance(t, tuple) for t in row[:context_positions]) == is_pooled
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    module = CausalLMPretraining(model, tokenizer.pad_token_id, 1e-3, 1, 2)
+    batch = module.collate(rows)
+    assert "input_groups" in batch
+    loss = module.document_loss(batch)
+    table = model.get_input_embeddings().weight
+    means = []
+    for row, start in rows:   # each row alone, its embeddings built by hand
+        embeds = torch.stack([table[list(t)].mean(0) if isinstance(t, tuple) else table[t] for t in row])
+        logits = model(inputs_embeds=embeds[None]).logits[0, :-1]
+        targets = torch.tensor([t if isinstance(t, int) else -100 for t in row[1:]])
+        means.append(torch.nn.functional.cross_entropy(logits[start - 1:], targets[start - 1:]))
+    assert torch.allclose(loss, torch.stack(means).mean(), atol=1e-5)
+    # without pooled rows the batch takes the ids path, which the pooled path reproduces for plain rows
+    plain = module.collate([rows[1], rows[3]])
+    assert "input_groups" not in plain
+    assert torch.allclose(module.document_loss(plain), torch.stack([means[1], means[3]]).mean(), atol=1e-5)

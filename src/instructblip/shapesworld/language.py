@@ -48,6 +48,7 @@ class LanguageConfig:
     length_window: int = 8        # batches sorted by length together (1: random batches)
     unmarked_words: float = 0.0   # share of documents naming the written word without "word" (text.documents)
     shuffled_objects: float = 0.0  # share of documents listing the scene's objects in a random order (text.documents)
+    pooled_contexts: float = 0.0  # share of documents whose scene text stands one object per position (pooled_context)
 
 
 class _Sequences(Dataset):
@@ -87,15 +88,30 @@ class CurriculumBatches(Sampler):
                 yield [stream[i] for i in batch]
 
 
-def encode_documents(tokenizer, docs: list[world_text.Document], max_length: int) -> list[tuple[list[int], int]]:
+def pooled_context(tokenizer, context: str) -> list[tuple[int, ...]]:
+    """The scene text one object per position: each sentence ("large red circle top left") as the tuple of its
+    token ids, which share one input position whose embedding is their mean (``CausalLMPretraining``).
+
+    Why: InstructBLIP's LLM reads the scene from a few query embeddings, each free to carry several words at once. A
+    real LLM reads such soft input because its pretraining made it robust; a 2-layer LM that has only ever read one
+    word per position does not, and the Q-Former then has to find a code the LLM was never taught. Documents in
+    this form teach it to read an object's words superposed in one position, the form a query can take."""
+    return [tuple(tokenizer(sentence, add_special_tokens=False)["input_ids"])
+            for sentence in context.split(".") if sentence.strip()]
+
+
+def encode_documents(tokenizer, docs: list[world_text.Document], max_length: int,
+                     pooled: list[bool] | None = None) -> list[tuple[list, int]]:
     """``context BOS instruction answer EOS`` as ids, each part tokenized alone (as the processor does), with the
-    position where the answer starts."""
+    position where the answer starts. Where ``pooled[i]``, document i's context is :func:`pooled_context`'s: its
+    row holds a tuple of ids for each object, one position each."""
     def ids(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     rows = []
-    for doc in docs:
-        prompt = ids(doc.context) + [tokenizer.bos_token_id] + ids(doc.instruction)
+    for index, doc in enumerate(docs):
+        context = pooled_context(tokenizer, doc.context) if pooled and pooled[index] else ids(doc.context)
+        prompt = context + [tokenizer.bos_token_id] + ids(doc.instruction)
         row = (prompt + ids(doc.answer) + [tokenizer.eos_token_id])
         cut = max(0, len(row) - max_length)
         rows.append((row[cut:], max(0, len(prompt) - cut)))
@@ -113,16 +129,32 @@ class CausalLMPretraining(L.LightningModule):
         self.pad_id, self.lr, self.warmup, self.steps = pad_id, lr, warmup, steps
         self.losses: list[float] = []
 
-    def collate(self, rows: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[tuple[list, int]]) -> dict[str, torch.Tensor]:
+        """Padded ids, mask and labels; with pooled positions (tuples of ids) in the batch, also ``input_groups``
+        (batch, length, ids per position) and its ``group_mask``."""
         width = max(len(r) for r, _ in rows)
+        depth = max(len(t) if isinstance(t, tuple) else 1 for row, _ in rows for t in row)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        if depth > 1:
+            groups = torch.full((len(rows), width, depth), self.pad_id, dtype=torch.long)
+            group_mask = torch.zeros((len(rows), width, depth))
         for i, (row, answer_start) in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
+            if depth == 1:
+                ids[i, : len(row)] = torch.tensor(row)
+            else:
+                for j, token in enumerate(row):
+                    group = token if isinstance(token, tuple) else (token,)
+                    groups[i, j, : len(group)] = torch.tensor(group)
+                    group_mask[i, j, : len(group)] = 1
+                ids[i, : len(row)] = groups[i, : len(row), 0]
             mask[i, : len(row)] = 1
             labels[i, answer_start: len(row)] = ids[i, answer_start: len(row)]
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if depth > 1:
+            batch.update(input_groups=groups, group_mask=group_mask)
+        return batch
 
     def training_step(self, batch, batch_idx):
         loss = self.document_loss(batch)
@@ -134,7 +166,13 @@ class CausalLMPretraining(L.LightningModule):
         """The mean over documents of each document's mean answer-token loss: a 25-token description and a one-word
         answer weigh the same (a token mean would give most of the gradient to the long answers, and the one-word
         lookups, which teach the model to read its context, would learn slowest)."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        if "input_groups" in batch:  # each position's embedding: the mean of its ids' (one id: that id's)
+            weights = batch["group_mask"].unsqueeze(-1)
+            table = self.model.get_input_embeddings()
+            inputs = {"inputs_embeds": (table(batch["input_groups"]) * weights).sum(2) / weights.sum(2).clamp(min=1)}
+        else:
+            inputs = {"input_ids": batch["input_ids"]}
+        logits = self.model(**inputs, attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100,
                                                       reduction="none")
@@ -190,7 +228,9 @@ def pretrain_language(cfg: LanguageConfig, progress: bool = True) -> Path:
     named[""] = named[""] + [world_text.Document(d.context, "", d.answer) for d in captions]
     docs = [doc for group in named.values() for doc in group]
     tokenizer = train_tokenizer(world_text.tokenizer_corpus(docs), cfg.tokenizer_vocab)
-    rows = encode_documents(tokenizer, docs, cfg.max_length)
+    pooled_rng = random.Random(f"{cfg.seed}/pooled")  # its own stream: the documents stay those of a share of 0
+    pooled = [bool(doc.context) and pooled_rng.random() < cfg.pooled_contexts for doc in docs]
+    rows = encode_documents(tokenizer, docs, cfg.max_length, pooled)
     phases = [(phase["steps"], _pool_rows(named, phase["pools"], cfg.documents)) for phase in cfg.curriculum]
     phases.append((cfg.steps, list(range(len(rows)))))
     batches = CurriculumBatches([len(row) for row, _ in rows], phases, cfg.batch_size, cfg.length_window, cfg.seed)
