@@ -20,6 +20,7 @@ import argparse
 import io
 import json
 import tarfile
+from dataclasses import fields
 from pathlib import Path
 
 HELD_IN_ACCURACY = ("shapesworld_vqa", "shapesworld_count", "shapesworld_ocr_vqa")
@@ -73,27 +74,32 @@ def main() -> None:
     parser.add_argument("tag", help="names this variant's runs and evaluation")
     parser.add_argument("--from", dest="start", choices=("stage2", "instruct"), default="stage2")
     parser.add_argument("--stage2-run", default="stage2", help="with --from instruct: the stage-2 run to start from")
-    parser.add_argument("--stage2-steps", type=int, default=None, help="default: the experiment's")
-    parser.add_argument("--instruct-steps", type=int, default=None, help="default: the experiment's")
+    parser.add_argument("--stage2-steps", type=int, default=None, help="default: the demo run's")
+    parser.add_argument("--instruct-steps", type=int, default=None, help="default: the demo run's")
     parser.add_argument("--stage2", nargs="*", default=[], help="Hydra overrides of shapesworld_stage2")
     parser.add_argument("--instruct", nargs="*", default=[], help="Hydra overrides of shapesworld_instruct")
     parser.add_argument("--captions", choices=("reference", "describe"), default="reference")
     args = parser.parse_args()
 
     out = Path(args.out)
-    seed = json.loads((out / "report.json").read_text())["settings"]["seed"]
-    demo = Demo(DemoSettings(out=str(out), seed=seed, progress=False))
+    # the run's own settings (seed, step counts, evaluation sizes; a quick=true run stays quick)
+    settings = json.loads((out / "report.json").read_text())["settings"]
+    known = {f.name for f in fields(DemoSettings)} - {"extra"}
+    demo = Demo(DemoSettings(**{**{k: v for k, v in settings.items() if k in known}, "out": str(out),
+                                "progress": False, "ablations": False}))
     torch.set_num_threads(demo.s.threads)
+    stage2_steps = demo.s.stage2_steps if args.stage2_steps is None else args.stage2_steps
+    instruct_steps = demo.s.instruct_steps if args.instruct_steps is None else args.instruct_steps
     stage2 = demo.out / args.stage2_run
     if args.start == "stage2":
         stage2 = demo.out / f"stage2_{args.tag}"
         extra = list(args.stage2)
         if args.captions == "describe":
             extra.append(f"data.datasets.shapesworld_caption={describe_shards(demo)}/shapesworld_caption-train-*.tar")
-        train(demo, "shapesworld_stage2", stage2, args.stage2_steps, demo.out / "stage1" / "trainable.safetensors",
+        train(demo, "shapesworld_stage2", stage2, stage2_steps, demo.out / "stage1" / "trainable.safetensors",
               extra)
     run = f"instruct_{args.tag}"
-    train(demo, "shapesworld_instruct", demo.out / run, args.instruct_steps, stage2 / "trainable.safetensors",
+    train(demo, "shapesworld_instruct", demo.out / run, instruct_steps, stage2 / "trainable.safetensors",
           list(args.instruct))
     results_dir = demo.out / "eval" / args.tag
     results_dir.mkdir(parents=True, exist_ok=True)

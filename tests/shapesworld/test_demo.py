@@ -68,3 +68,39 @@ def test_the_final_checkpoint_answers_through_instructblip_generate(demo_dir, tm
          f"image={tmp_path / 'scene.png'}", "prompt=what color is the circle?", "max_new_tokens=4", "num_beams=1"],
         cwd=REPO, check=True, timeout=300, capture_output=True, text=True)
     assert result.stdout.strip(), result.stderr
+
+
+@pytest.mark.slow
+def test_demo_variant_reruns_the_last_stages_under_other_settings(demo_dir):
+    """experiments/demo_variant.py on the quick demo: stage 2 on the scenes' descriptions and instruction tuning with
+    a Hydra override, then the run's own evaluation sizes."""
+    import tarfile
+
+    from instructblip.shapesworld import tasks, world
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "demo_variant.py"), str(demo_dir), "try", "--captions", "describe",
+         "--instruct", "stage.module.loss_weighting=sample"],
+        cwd=REPO, check=True, timeout=600, capture_output=True, text=True)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["tag"] == "try"
+    assert set(summary["scores"]) == {name.removeprefix("shapesworld_") for name in tasks.TASKS}
+    results = json.loads((demo_dir / "eval" / "try" / "results.json").read_text())
+    assert {r["n"] for r in results.values()} == {4}   # the quick run's evaluation sizes, read from its report
+
+    shards = sorted((demo_dir / "data_describe").glob("shapesworld_caption-train-*.tar"))
+    assert shards
+    records = 0
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    record = json.loads(tar.extractfile(member).read())
+                    scene = world.Scene.from_dict(record["extra"]["scene"])
+                    assert record["answers"] == [world.describe(scene)]
+                    records += 1
+    assert records > 0
+    stage2_config = next((demo_dir / "stage2_try").rglob("hparams.yaml")).read_text()
+    instruct_config = next((demo_dir / "instruct_try").rglob("hparams.yaml")).read_text()
+    assert "data_describe" in stage2_config and "data_describe" not in instruct_config
+    assert "loss_weighting: sample" in instruct_config and "loss_weighting: token" in stage2_config
