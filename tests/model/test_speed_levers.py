@@ -135,6 +135,42 @@ def test_encoder_decoder_loop_gives_transformers_token_ids(our_models, hf_models
         assert actual.tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("llm", ["llama", "t5"])
+def test_unpadded_prompts_decode_without_a_mask_and_give_transformers_ids(llm, our_models, hf_models, images,
+                                                                          monkeypatch):
+    """One prompt has no padding: the lean loops (greedy and beam search) give the LLM no attention mask to build,
+    and still the ids of transformers' generate."""
+    ours, hf = our_models[llm], hf_models[llm]
+    batch = ours.processor.generation_batch(images[:1], PROMPTS[:1])
+    assert batch["attention_mask"].min() == 1
+    masks = []
+    model = ours.llm.hf_model
+    forward = model.forward
+
+    def recording(*args, **kwargs):
+        masks.append(kwargs.get("attention_mask"))
+        return forward(*args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("decoding fell back to transformers' generate")
+
+    monkeypatch.setattr(model, "forward", recording)
+    monkeypatch.setattr(model, "generate", refuse)
+    eos, pad = ours.processor.tokenizer.eos_token_id, ours.processor.pad_token_id
+    skip = 1 if llm == "t5" else batch["input_ids"].shape[1] + ours.config.num_query_tokens
+    for settings in (dict(num_beams=1, max_new_tokens=8, min_new_tokens=2, repetition_penalty=1.4),
+                     dict(num_beams=3, max_new_tokens=8, min_new_tokens=2, repetition_penalty=1.0)):
+        masks.clear()
+        actual = ours.generate_ids(batch, **settings)
+        assert masks and all(mask is None for mask in masks), settings
+        monkeypatch.setattr(model, "forward", forward)   # transformers' generate calls the model itself
+        with torch.no_grad():
+            expected = hf.generate(**to_transformers_batch(ours, batch), do_sample=False, length_penalty=1.0,
+                                   eos_token_id=eos, pad_token_id=pad, **settings)[:, skip:]
+        monkeypatch.setattr(model, "forward", recording)
+        assert actual.tolist() == expected.tolist(), settings
+
+
 def test_loop_handles_only_what_it_reproduces(our_models):
     hf_model = our_models["llama"].llm.hf_model
     greedy = dict(num_beams=1, do_sample=False, max_new_tokens=5, num_return_sequences=1)

@@ -232,8 +232,10 @@ class _Seq2SeqSteps:
         self.model = model
         # transformers renamed the forward's cache argument (past_key_values -> cache); use the model's own name
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.encoded = model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
-        self.attention_mask = attention_mask
+        # no padding: the encoder and the cross-attention see every position without a mask built for them
+        self.attention_mask = None if bool(attention_mask.all()) else attention_mask
+        self.encoded = model.get_encoder()(inputs_embeds=inputs_embeds,
+                                           attention_mask=self.attention_mask).last_hidden_state
         self.past = EncoderDecoderCache(DynamicCache(), DynamicCache())
         start = model.generation_config.decoder_start_token_id
         start = model.config.decoder_start_token_id if start is None else start
@@ -242,7 +244,8 @@ class _Seq2SeqSteps:
     def repeat_rows(self, times: int) -> None:
         """Each row ``times`` times over (beam search: one row per beam)."""
         self.encoded = self.encoded.repeat_interleave(times, dim=0)
-        self.attention_mask = self.attention_mask.repeat_interleave(times, dim=0)
+        if self.attention_mask is not None:
+            self.attention_mask = self.attention_mask.repeat_interleave(times, dim=0)
 
     def logits(self, token: torch.Tensor) -> torch.Tensor:
         """The decoder's logits after one more token per row."""
@@ -283,6 +286,9 @@ class _CausalSteps:
             self.past, self.mask = DynamicCache(), mask
         else:
             raise ValueError(f"cache={cache!r}; allowed: 'dynamic', 'static'")
+        # no padding (every batch-1 call): every cached position is visible to every new token, so the forwards get
+        # no mask and the model skips building one per step (the static cache's unfilled slots always need it)
+        self.unpadded = not self.static and bool(mask.all())
         self.generated = 0
 
     def repeat_rows(self, times: int) -> None:
@@ -310,7 +316,8 @@ class _CausalSteps:
 
     def _call(self, forward, **inputs) -> torch.Tensor:
         return forward(
-            attention_mask=self.mask, position_ids=self.positions, use_cache=True, logits_to_keep=1,
+            attention_mask=None if self.unpadded else self.mask, position_ids=self.positions, use_cache=True,
+            logits_to_keep=1,
             **{self.cache_arg: self.past}, **inputs,
         ).logits[:, -1]
 
