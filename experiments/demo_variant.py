@@ -17,9 +17,7 @@ its reference captions, from shards written once to ``OUT/data_describe``. Examp
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import tarfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -27,27 +25,23 @@ HELD_IN_ACCURACY = ("shapesworld_vqa", "shapesworld_count", "shapesworld_ocr_vqa
 
 
 def describe_shards(demo) -> Path:
-    """The caption train shards with each record's references replaced by the scene's detailed description."""
-    from instructblip.shapesworld import world
+    """The caption train shards again, through the converters' shard writer, each record's references replaced by
+    its scene's detailed description (the same images: sample i is a pure function of its index and the seed)."""
+    from data_prep.media import pil_member
+    from data_prep.shards import Sample, write_shards
+    from instructblip.shapesworld import tasks, world
+
+    summary = json.loads((demo.shards / "shapesworld_caption-train-summary.json").read_text())
+
+    def samples():
+        for index in range(summary["written"]):
+            record, image, _ = tasks.build("shapesworld_caption", "train", index, demo.s.seed)
+            record.answers = [world.describe(world.Scene.from_dict(record.extra["scene"]))]
+            yield Sample(record, pil_member(image))
 
     out = demo.out / "data_describe"
-    out.mkdir(exist_ok=True)
-    for source in sorted(demo.shards.glob("shapesworld_caption-train-*.tar")):
-        target = out / source.name
-        if target.exists():
-            continue
-        partial = target.with_suffix(".partial")
-        with tarfile.open(source) as shard_in, tarfile.open(partial, "w") as shard_out:
-            for member in shard_in.getmembers():
-                data = shard_in.extractfile(member).read()
-                if member.name.endswith(".json"):
-                    record = json.loads(data)
-                    record["answers"] = [world.describe(world.Scene.from_dict(record["extra"]["scene"]))]
-                    data = json.dumps(record).encode()
-                info = tarfile.TarInfo(member.name)
-                info.size = len(data)
-                shard_out.addfile(info, io.BytesIO(data))
-        partial.rename(target)
+    write_shards(samples(), out, "shapesworld_caption", "train", shard_size=summary["shard_size"],
+                 total=summary["written"], options={"describe": True, **summary["options"]}, progress=False)
     return out
 
 

@@ -27,47 +27,40 @@ REPO = Path(__file__).resolve().parents[1]
 DATASETS = ("shapesworld_vqa", "shapesworld_count", "shapesworld_ocr_vqa", "shapesworld_compositional")
 
 
-def greedy_from_embeddings(model, embeds: torch.Tensor, eos: int, steps: int) -> list[int]:
-    """Greedy continuation of one row of input embeddings (no cache: the contexts are a few dozen positions)."""
-    table, out = model.get_input_embeddings(), []
-    with torch.no_grad():
-        for _ in range(steps):
-            token = int(model(inputs_embeds=embeds[None]).logits[0, -1].argmax())
-            if token == eos:
-                break
-            out.append(token)
-            embeds = torch.cat([embeds, table.weight[token][None]])
-    return out
-
-
 def score(llm_dir: Path, samples: int) -> dict[str, float]:
     """Exact-match accuracy per dataset (and VQA question kind) with the scene text as context; ``pooled/...``: the
     same questions with the context one object per position (``language.pooled_context``)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from instructblip.data import templates
+    from instructblip.model import decoding
     from instructblip.shapesworld import tasks
     from instructblip.shapesworld.language import pooled_context
 
     tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
     model = LlamaForCausalLM.from_pretrained(str(llm_dir)).eval()
+    table = model.get_input_embeddings().weight.detach()
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def answers(context: torch.Tensor, prompt: list[int], expected: str) -> bool:
+        """Greedy decoding (the project's lean loop: generate's ids) after the context embeddings and the prompt."""
+        embeds = torch.cat([context, table[prompt]])[None]
+        new = decoding.greedy(model, embeds, torch.ones(embeds.shape[:2], dtype=torch.long), None,
+                              max_new_tokens=6, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.decode(new[0], skip_special_tokens=True).strip() == expected
+
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for name in DATASETS:
         for index in range(samples):
             record, _, context = tasks.build(name, "val", index, 0)
             instruction, _ = templates.render_evaluation(record)
-            ids = (tokenizer(context, add_special_tokens=False)["input_ids"] + [tokenizer.bos_token_id]
-                   + tokenizer(instruction, add_special_tokens=False)["input_ids"])
-            with torch.no_grad():
-                out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
-                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            right = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip() == record.answers[0]
-            table = model.get_input_embeddings().weight.detach()
-            pooled = torch.stack([table[list(group)].mean(0) for group in pooled_context(tokenizer, context)]
-                                 + [table[i] for i in ids[len(tokenizer(context, add_special_tokens=False)
-                                                              ["input_ids"]):]])
-            answer = greedy_from_embeddings(model, pooled, tokenizer.eos_token_id, 6)
-            right_pooled = tokenizer.decode(answer, skip_special_tokens=True).strip() == record.answers[0]
+            prompt = [tokenizer.bos_token_id] + ids(instruction)
+            right = answers(table[ids(context)], prompt, record.answers[0])
+            pooled = torch.stack([table[list(group)].mean(0) for group in pooled_context(tokenizer, context)])
+            right_pooled = answers(pooled, prompt, record.answers[0])
             keys = [name.removeprefix("shapesworld_")]
             if name == "shapesworld_vqa":
                 keys.append("vqa/" + tasks.question_kind(record.question))

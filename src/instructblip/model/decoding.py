@@ -283,17 +283,17 @@ class _CausalSteps:
             self.mask = mask.new_zeros(batch, self.prompt_length + max_new_tokens)
             self.mask[:, : self.prompt_length] = mask
         elif cache == "dynamic":
-            self.past, self.mask = DynamicCache(), mask
+            # no padding (every batch-1 call): every cached position is visible to every new token, so the forwards
+            # get no mask and the model builds none per step (the static cache's unfilled slots always need one)
+            self.past, self.mask = DynamicCache(), None if bool(mask.all()) else mask
         else:
             raise ValueError(f"cache={cache!r}; allowed: 'dynamic', 'static'")
-        # no padding (every batch-1 call): every cached position is visible to every new token, so the forwards get
-        # no mask and the model skips building one per step (the static cache's unfilled slots always need it)
-        self.unpadded = not self.static and bool(mask.all())
         self.generated = 0
 
     def repeat_rows(self, times: int) -> None:
         """Each row ``times`` times over (beam search: one row per beam)."""
-        self.mask = self.mask.repeat_interleave(times, dim=0)
+        if self.mask is not None:
+            self.mask = self.mask.repeat_interleave(times, dim=0)
         self.positions = self.positions.repeat_interleave(times, dim=0)
 
     def prefill(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
@@ -305,7 +305,7 @@ class _CausalSteps:
         """The forward of one new token per row; its logits."""
         if self.static:
             self.mask[:, self.prompt_length + self.generated] = 1
-        else:
+        elif self.mask is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
         self.positions = self.positions[:, -1:] + 1
         extra = {}
@@ -316,8 +316,7 @@ class _CausalSteps:
 
     def _call(self, forward, **inputs) -> torch.Tensor:
         return forward(
-            attention_mask=None if self.unpadded else self.mask, position_ids=self.positions, use_cache=True,
-            logits_to_keep=1,
+            attention_mask=self.mask, position_ids=self.positions, use_cache=True, logits_to_keep=1,
             **{self.cache_arg: self.past}, **inputs,
         ).logits[:, -1]
 
