@@ -104,3 +104,40 @@ def test_demo_variant_reruns_the_last_stages_under_other_settings(demo_dir):
     instruct_config = next((demo_dir / "instruct_try").rglob("hparams.yaml")).read_text()
     assert "data_describe" in stage2_config and "data_describe" not in instruct_config
     assert "loss_weighting: sample" in instruct_config and "loss_weighting: token" in stage2_config
+
+
+def test_qformer_probe_trains_the_runs_qformer_on_trunk_and_oracle_features(demo_dir, tmp_path):
+    """experiments/shapesworld_qformer_probe.py on the quick demo: a curve per setting, the question-only prior, and
+    oracle rows that hold the scene's attributes in their cells."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import shapesworld_qformer_probe as probe
+    finally:
+        sys.path.remove(str(REPO / "experiments"))
+    from instructblip.shapesworld import tasks, world
+
+    record, _, _ = tasks.build("shapesworld_vqa", "train", 3, seed=0)
+    scene = world.Scene.from_dict(record.extra["scene"])
+    rows = probe.oracle_features(scene, 96)
+    assert rows[0].abs().sum() == 0    # the class token
+    for shape in scene.shapes:
+        row = rows[1 + shape.cell[0] * world.GRID + shape.cell[1]]
+        assert row[list(world.COLORS).index(shape.color)] > 0 and row[6 + world.SHAPES.index(shape.kind)] > 0
+        assert int((row > 0).sum()) == 4   # colour, kind, size, cell
+    assert probe.question_prior({"questions": ["a", "a", "a", "b"], "answers": ["x", "x", "y", "z"]},
+                                {"questions": ["a", "b", "c"], "answers": ["x", "y", "x"]}) == 100 / 3
+
+    for features in ("trunk", "oracle"):
+        out = tmp_path / f"{features}.json"
+        result = subprocess.run(
+            [sys.executable, str(REPO / "experiments" / "shapesworld_qformer_probe.py"), str(demo_dir),
+             f"features={features}", "steps=6", "train=48", "val=24", "eval_every=3", "batch_size=8", f"out={out}"],
+            cwd=REPO, check=True, timeout=600, capture_output=True, text=True)
+        written = json.loads(out.read_text())
+        assert json.loads(result.stdout.strip().splitlines()[-1])["final"] == written["curve"][-1]
+        assert [row["step"] for row in written["curve"]] == [0, 3, 6]
+        assert set(written["curve"][-1]["by_question"]) <= set(tasks.QUESTION_KINDS)
+        assert 0 <= written["question_only_prior"] <= 100
+    bad = subprocess.run([sys.executable, str(REPO / "experiments" / "shapesworld_qformer_probe.py"), str(demo_dir),
+                          "features=pixels"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode != 0 and "allowed: trunk, oracle" in bad.stderr
