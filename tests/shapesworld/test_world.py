@@ -114,3 +114,15 @@ def test_every_dataset_is_registered_with_its_metric_and_method():
     held_in_categories = {registry.get(n).category for n in tasks.HELD_IN}
     assert held_out_categories - held_in_categories, "no category that is never trained on"
     assert held_out_categories & held_in_categories, "no held-out dataset of a seen category"
+
+
+def test_binary_samples_alternate_their_label_and_the_label_is_true_of_the_scene():
+    from instructblip.shapesworld import tasks
+
+    for seed in range(3):
+        records = [tasks.build("shapesworld_binary", "test", index, seed)[0] for index in range(4)]
+        assert [r.label for r in records] == [0, 1, 0, 1]   # AUC needs both classes, even in the quick demo's 4
+        for record in records:
+            scene = world.Scene.from_dict(record.extra["scene"])
+            color, kind = record.text.removeprefix("a ").split()
+            assert any((s.color, s.kind) == (color, kind) for s in scene.shapes) == bool(record.label)

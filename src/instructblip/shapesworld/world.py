@@ -5,6 +5,11 @@ or one short word drawn with PIL's built-in bitmap font. Everything a task asks 
 cells, counts, left/right/above/below, the word) is read from the :class:`Scene`, never from the pixels, so every
 answer is exact. Images are stored as PNG so that the colour at a shape's centre is exactly the colour named.
 
+Every shape and word sits at the centre of its cell. The image encoder sees one patch per cell, and its patch
+embedding is linear: a shape moved a few pixels inside its patch is other pixels, and a linear probe of the demo
+encoder's cell tokens told the three kinds apart in 80% of cells with such jitter against 100% without; `make demo`
+read the written word in 26% of val questions with it and 82% without (experiments/README.md, "Session 6").
+
 A clip is a short frame sequence of one shape moving one cell per frame along a row or a column, next to a still
 distractor shape; it stands in for a video.
 
@@ -113,15 +118,9 @@ class Clip:
         return asdict(self)
 
 
-def _cell_center(cell: tuple[int, int], size: int, jitter: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+def _cell_center(cell: tuple[int, int], size: int) -> tuple[int, int]:
     step = size / GRID
-    return int(cell[1] * step + step / 2) + jitter[0], int(cell[0] * step + step / 2) + jitter[1]
-
-
-def _place(rng: random.Random, cell: tuple[int, int], radius: int, size: int) -> tuple[int, int]:
-    # jitter inside the cell so that the encoder cannot memorise a handful of pixel layouts
-    room = max(0, int(size / GRID / 2) - radius - 1)
-    return _cell_center(cell, size, (rng.randint(-room, room), rng.randint(-room, room)))
+    return int(cell[1] * step + step / 2), int(cell[0] * step + step / 2)
 
 
 def sample_scene(rng: random.Random, *, min_shapes: int = 1, max_shapes: int = 3, word_prob: float = 0.5,
@@ -136,21 +135,18 @@ def sample_scene(rng: random.Random, *, min_shapes: int = 1, max_shapes: int = 3
     for i in range(count):
         color, kind = combos[i]
         size_name = rng.choice(tuple(SIZES))
-        shapes.append(Shape(kind, color, size_name, cells[i], _place(rng, cells[i], SIZES[size_name], size)))
+        shapes.append(Shape(kind, color, size_name, cells[i], _cell_center(cells[i], size)))
     word = None
     if rng.random() < word_prob:
-        word = _make_word(rng, rng.choice(WORDS), cells[count], size)
+        word = _make_word(rng.choice(WORDS), cells[count], size)
     return Scene(shapes=shapes, word=word, size=size)
 
 
-def _make_word(rng: random.Random, text: str, cell: tuple[int, int], size: int) -> Word:
-    font = _font()
-    left, top, right, bottom = font.getbbox(text)
+def _make_word(text: str, cell: tuple[int, int], size: int) -> Word:
+    left, top, right, bottom = _font().getbbox(text)
     width, height = right - left, bottom - top
     cx, cy = _cell_center(cell, size)
-    room_x = max(0, (int(size / GRID) - width) // 2 - 1)
-    x = cx - width // 2 + rng.randint(-room_x, room_x)
-    y = cy - height // 2 + rng.randint(-1, 1)
+    x, y = cx - width // 2, cy - height // 2
     return Word(text, cell, (x, y, x + width, y + height))
 
 
@@ -212,7 +208,7 @@ def sample_clip(rng: random.Random, *, num_frames: int = 4, size: int = IMAGE_SI
     free = [(r, c) for r in range(GRID) for c in range(GRID) if (r, c) not in used]
     still_cell = rng.choice(free)
     ssize = rng.choice(tuple(SIZES))
-    still = Shape(skind, scolor, ssize, still_cell, _place(rng, still_cell, SIZES[ssize], size))
+    still = Shape(skind, scolor, ssize, still_cell, _cell_center(still_cell, size))
     return Clip(mover=mover, still=still, direction=direction, positions=positions, size=size)
 
 
