@@ -7,8 +7,8 @@ answer is exact. Images are stored as PNG so that the colour at a shape's centre
 
 Every shape and word sits at the centre of its cell. The image encoder sees one patch per cell, and its patch
 embedding is linear: a shape moved a few pixels inside its patch is other pixels, and a linear probe of the demo
-encoder's cell tokens told the three kinds apart in 80% of cells with such jitter against 100% without; `make demo`
-read the written word in 26% of val questions with it and 82% without (experiments/README.md, "Session 6").
+encoder's cell tokens told the three kinds apart in 80% of cells with such jitter against 100% without
+(experiments/README.md, "Session 6").
 
 A clip is a short frame sequence of one shape moving one cell per frame along a row or a column, next to a still
 distractor shape; it stands in for a video.
