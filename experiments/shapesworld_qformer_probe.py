@@ -82,16 +82,15 @@ def oracle_features(scene: world.Scene, width: int) -> torch.Tensor:
     if offsets["cell"] + world.GRID ** 2 > width:
         raise ValueError(f"the oracle needs {offsets['cell'] + world.GRID ** 2} feature columns; the trunk has {width}")
     out = torch.zeros(1 + world.GRID ** 2, width)
-    token = lambda cell: 1 + cell[0] * world.GRID + cell[1]
-    for cell_index in range(world.GRID ** 2):
-        out[1 + cell_index, offsets["cell"] + cell_index] = 1.0
-    for shape in scene.shapes:
-        row = out[token(shape.cell)]
-        row[offsets["color"] + colors.index(shape.color)] = 1.0
-        row[offsets["kind"] + world.SHAPES.index(shape.kind)] = 1.0
-        row[offsets["size"] + sizes.index(shape.size)] = 1.0
-    if scene.word is not None:
-        out[token(scene.word.cell), offsets["word"] + world.WORDS.index(scene.word.text)] = 1.0
+    for cell_index, (shape, word) in enumerate(world.cell_contents(scene)):
+        row = out[1 + cell_index]
+        row[offsets["cell"] + cell_index] = 1.0
+        if shape is not None:
+            row[offsets["color"] + colors.index(shape.color)] = 1.0
+            row[offsets["kind"] + world.SHAPES.index(shape.kind)] = 1.0
+            row[offsets["size"] + sizes.index(shape.size)] = 1.0
+        if word is not None:
+            row[offsets["word"] + world.WORDS.index(word.text)] = 1.0
     # the trunk's tokens come out of ln_vision at about unit scale per column; these rows are sparse, so larger
     return out * 3.0
 
@@ -136,7 +135,6 @@ def main(args: list[str]) -> None:
     for module in model.qformer.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = settings.dropout
-    model.qformer.config.attention_dropout = settings.dropout
     for layer in model.qformer.layers:
         for attention in (layer.self_attention, layer.cross_attention):
             if attention is not None:

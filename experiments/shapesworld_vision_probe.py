@@ -54,16 +54,11 @@ def cell_tokens(trunk, cfg: vision.VisionPretrainConfig, scenes: list[world.Scen
 
 def labels(scene: world.Scene) -> list[tuple[int, int, int, int]]:
     """Per cell, row by row: (colour, kind, size, word) indices, -1 where the cell has none."""
-    shapes = {s.cell: s for s in scene.shapes}
-    rows = []
-    for cell in [(r, c) for r in range(world.GRID) for c in range(world.GRID)]:
-        shape = shapes.get(cell)
-        word = scene.word if scene.word is not None and scene.word.cell == cell else None
-        rows.append((list(world.COLORS).index(shape.color) if shape else -1,
-                     world.SHAPES.index(shape.kind) if shape else -1,
-                     list(world.SIZES).index(shape.size) if shape else -1,
-                     world.WORDS.index(word.text) if word else -1))
-    return rows
+    return [(list(world.COLORS).index(shape.color) if shape else -1,
+             world.SHAPES.index(shape.kind) if shape else -1,
+             list(world.SIZES).index(shape.size) if shape else -1,
+             world.WORDS.index(word.text) if word else -1)
+            for shape, word in world.cell_contents(scene)]
 
 
 def main(args: list[str]) -> None:

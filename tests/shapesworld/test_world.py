@@ -126,3 +126,16 @@ def test_binary_samples_alternate_their_label_and_the_label_is_true_of_the_scene
             scene = world.Scene.from_dict(record.extra["scene"])
             color, kind = record.text.removeprefix("a ").split()
             assert any((s.color, s.kind) == (color, kind) for s in scene.shapes) == bool(record.label)
+
+
+def test_cell_contents_lists_each_cells_shape_and_word_row_by_row():
+    record, _, _ = tasks.build("shapesworld_ocr_vqa", "train", 5, seed=0)
+    scene = Scene.from_dict(record.extra["scene"])
+    contents = world.cell_contents(scene)
+    assert len(contents) == world.GRID ** 2
+    for index, (shape, word) in enumerate(contents):
+        cell = divmod(index, world.GRID)
+        assert shape == next((s for s in scene.shapes if s.cell == cell), None)
+        assert word == (scene.word if scene.word.cell == cell else None)
+    assert sum(shape is not None for shape, _ in contents) == len(scene.shapes)
+    assert sum(word is not None for _, word in contents) == 1

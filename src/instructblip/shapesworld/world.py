@@ -216,6 +216,14 @@ def render_clip(clip: Clip) -> list[Image.Image]:
     return [render(clip.frame_scene(t)) for t in range(len(clip.positions))]
 
 
+def cell_contents(scene: Scene) -> list[tuple[Shape | None, Word | None]]:
+    """What each cell holds, row by row (the order of the image encoder's patch tokens): its shape and its word."""
+    shapes = {s.cell: s for s in scene.shapes}
+    word = scene.word
+    return [(shapes.get((r, c)), word if word is not None and word.cell == (r, c) else None)
+            for r in range(GRID) for c in range(GRID)]
+
+
 # ---------------------------------------------------------------------------------------------- relations and text
 def relation(a: Shape, b: Shape) -> list[str]:
     """The relations that hold from a to b, by grid cell: 'left of', 'right of', 'above', 'below'."""
