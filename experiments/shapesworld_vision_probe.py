@@ -1,5 +1,10 @@
 """What the ShapesWorld image encoder's cell tokens hold: linear probes of the colour, kind and size of the shape in a
-cell and of the word written there, on the tokens InstructBLIP reads (after block ``layers - 1``).
+cell, of the word written there and of the cell itself, on the tokens InstructBLIP reads (after block
+``layers - 1`` and a plain layer norm, as ``ln_vision`` starts), and how their variance spreads over directions.
+
+The cell matters because the Q-Former's cross-attention ignores the order of the image tokens: it learns where a
+shape is only from what its token holds. The spread matters because a token set whose variance lies along one
+direction (occupied against empty) leaves the attributes in directions a Q-Former learns to read slowly.
 
 It pretrains a trunk from a recipe (``conf/model/shapesworld_vision.yaml``; ``KEY=VALUE`` overrides a number of it,
 ``steps=0`` probes the random initialisation), renders 600 fresh scenes, and fits a logistic regression per
@@ -52,13 +57,22 @@ def cell_tokens(trunk, cfg: vision.VisionPretrainConfig, scenes: list[world.Scen
     return torch.cat(out)
 
 
-def labels(scene: world.Scene) -> list[tuple[int, int, int, int]]:
-    """Per cell, row by row: (colour, kind, size, word) indices, -1 where the cell has none."""
+def labels(scene: world.Scene) -> list[tuple[int, int, int, int, int]]:
+    """Per cell, row by row: (colour, kind, size, word, cell) indices; the first four -1 where the cell has none,
+    the cell -1 where it is empty."""
     return [(list(world.COLORS).index(shape.color) if shape else -1,
              world.SHAPES.index(shape.kind) if shape else -1,
              list(world.SIZES).index(shape.size) if shape else -1,
-             world.WORDS.index(word.text) if word else -1)
-            for shape, word in world.cell_contents(scene)]
+             world.WORDS.index(word.text) if word else -1,
+             cell if shape or word else -1)
+            for cell, (shape, word) in enumerate(world.cell_contents(scene))]
+
+
+def variance_spread(x: np.ndarray, top: int = 4) -> dict:
+    """The share of the tokens' total variance along each of their ``top`` principal directions, in percent."""
+    eigenvalues = np.linalg.eigvalsh(np.cov(x, rowvar=False))[::-1]
+    return {"total": round(float(eigenvalues.sum()), 1),
+            "top_shares": [round(100 * float(v / eigenvalues.sum()), 1) for v in eigenvalues[:top]]}
 
 
 def main(args: list[str]) -> None:
@@ -75,18 +89,24 @@ def main(args: list[str]) -> None:
     cpu = time.process_time() - start
     rng = random.Random("vision-probe")
     scenes = [world.sample_scene(rng, word_prob=0.5) for _ in range(SCENES)]
-    x = cell_tokens(model.visual.trunk.eval(), cfg, scenes).reshape(-1, cfg.width).numpy()
+    x = cell_tokens(model.visual.trunk.eval(), cfg, scenes).reshape(-1, cfg.width)
+    # as the Q-Former meets the tokens: through ln_vision, which starts as a plain layer norm. (Until Session 7 the
+    # probes read the tokens before it, where a direction holds the same share of the variance at another scale
+    # and the probes' fixed regularisation reaches other directions.)
+    x = torch.nn.functional.layer_norm(x, (cfg.width,), eps=1e-6).numpy()
     y = np.array([row for scene in scenes for row in labels(scene)])
     cut = int(0.7 * SCENES) * world.GRID ** 2
     scores = {}
-    for column, name in enumerate(("color", "kind", "size", "word")):
+    for column, name in enumerate(("color", "kind", "size", "word", "cell")):
         present = y[:, column] >= 0
         train, test = present.copy(), present.copy()
         train[cut:], test[:cut] = False, False
         probe = LogisticRegression(max_iter=3000).fit(x[train], y[train, column])
         scores[name] = round(100 * probe.score(x[test], y[test, column]), 1)
+    occupied = y[:, 4] >= 0
     print(json.dumps({"recipe_overrides": args, "pretraining_cpu_s": round(cpu),
-                      "probe_accuracy_on_occupied_cells": scores}))
+                      "probe_accuracy_on_occupied_cells": scores,
+                      "variance_all_cells": variance_spread(x), "variance_occupied_cells": variance_spread(x[occupied])}))
 
 
 if __name__ == "__main__":
