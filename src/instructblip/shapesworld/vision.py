@@ -110,7 +110,7 @@ def build_clip(cfg: VisionPretrainConfig):
     model.token_embedding.requires_grad_(False)
     # The Q-Former's cross-attention ignores token order: a cell's position reaches it only through the token's
     # content. At timm's 0.02 the position embedding is drowned by the patch's own embedding and, after contrastive
-    # training, a linear probe found the cell of an occupied token in 14.5% of cases (chance 11%); at 1.0, in 100%
+    # training, a linear probe found the cell of an occupied token in 19.5% of cases (chance 11%); at 1.0, in 100%
     # (experiments/README.md, "Session 7")
     torch.nn.init.normal_(model.visual.trunk.pos_embed, std=cfg.pos_embed_std)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg.context_length)
