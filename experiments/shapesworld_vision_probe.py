@@ -43,17 +43,20 @@ def recipe(args: list[str]) -> vision.VisionPretrainConfig:
     return vision.VisionPretrainConfig(out=tempfile.mkdtemp(), **values)
 
 
-def cell_tokens(trunk, cfg: vision.VisionPretrainConfig, scenes: list[world.Scene]) -> torch.Tensor:
-    """(scenes, 9, width): the patch tokens after the blocks InstructBLIP reads (the class token dropped)."""
+def cell_tokens(trunk_state: dict, cfg: vision.VisionPretrainConfig, scenes: list[world.Scene]) -> torch.Tensor:
+    """(scenes, 9, width): the patch tokens as the Q-Former meets them (the class token dropped): InstructBLIP's own
+    image encoder, built from the recipe's geometry as ``make demo`` assembles it (the trunk read out before its last
+    block, then ``ln_vision`` as it starts, a plain layer norm)."""
+    from instructblip.model.vision import VisionConfig, VisionEncoder
+
+    encoder = VisionEncoder(VisionConfig(**vision.vision_config(cfg)))
+    encoder.trunk.load_state_dict({k: trunk_state[k] for k in encoder.trunk.state_dict()})
     transform = vision.image_transform(cfg)
     out = []
     with torch.no_grad():
         for start in range(0, len(scenes), 100):
             images = torch.stack([transform(world.render(s)) for s in scenes[start:start + 100]])
-            x, rope = trunk._pos_embed(trunk.patch_embed(images))
-            for block in trunk.blocks[:cfg.layers - 1]:
-                x = block(x, rope=rope)
-            out.append(x[:, 1:])
+            out.append(encoder(images)[:, 1:])
     return torch.cat(out)
 
 
@@ -89,11 +92,8 @@ def main(args: list[str]) -> None:
     cpu = time.process_time() - start
     rng = random.Random("vision-probe")
     scenes = [world.sample_scene(rng, word_prob=0.5) for _ in range(SCENES)]
-    x = cell_tokens(model.visual.trunk.eval(), cfg, scenes).reshape(-1, cfg.width)
-    # as the Q-Former meets the tokens: through ln_vision, which starts as a plain layer norm. (Until Session 7 the
-    # probes read the tokens before it, where a direction holds the same share of the variance at another scale
-    # and the probes' fixed regularisation reaches other directions.)
-    x = torch.nn.functional.layer_norm(x, (cfg.width,), eps=1e-6).numpy()
+    # (until Session 7 the probes read the tokens before ln_vision: results/shapesworld_vision_probe-2026-11-26.json)
+    x = cell_tokens(model.visual.trunk.state_dict(), cfg, scenes).reshape(-1, cfg.width).numpy()
     y = np.array([row for scene in scenes for row in labels(scene)])
     cut = int(0.7 * SCENES) * world.GRID ** 2
     scores = {}
