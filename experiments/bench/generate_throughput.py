@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -31,7 +33,9 @@ import torch
 from instructblip.model import decoding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_device_flags, build_pair, emit, environment, setup_device, synthetic_batch, time_sides  # noqa: E402
+from common import (  # noqa: E402
+    add_device_flags, build_pair, emit, environment, setup_device, sync, synthetic_batch, time_sides,
+)
 
 
 def generation_inputs(pair, batch_size: int, prompt_len: int, device: str):
@@ -100,24 +104,40 @@ def main() -> None:
                     sides["transformers_static_compiled"] = lambda: theirs(cache_implementation="static")
             reference = theirs().cpu()
             row = dict(batch=batch_size, mode=mode, beams=beams, ours_path=ours_path(pair, settings), sides={})
-            for name, fn in sides.items():
+            print(f"batch {batch_size} {mode}:", file=sys.stderr, flush=True)
+            first_call_s = {}
+            for name, fn in list(sides.items()):  # a compiled side compiles in its first call: timed, printed at once
+                start = time.perf_counter()
+                try:
+                    ids = fn()
+                except Exception as error:  # noqa: BLE001 - one broken side is reported, the others are timed
+                    traceback.print_exc()
+                    print(f"  {name}: FAILED ({error!r})", file=sys.stderr, flush=True)
+                    row.setdefault("failed_sides", {})[name] = repr(error)
+                    del sides[name]
+                    continue
+                sync(args.device)
+                first_call_s[name] = time.perf_counter() - start
+                print(f"  {name}: first call {first_call_s[name]:.1f} s", file=sys.stderr, flush=True)
                 if name.startswith("ours"):
-                    row[f"identical_token_ids_{name}"] = torch.equal(fn().cpu(), reference)
+                    row[f"identical_token_ids_{name}"] = torch.equal(ids.cpu(), reference)
             row["identical_token_ids"] = all(v for k, v in row.items() if k.startswith("identical_token_ids_"))
             timings = time_sides(sides, args.device, args.warmup, args.repeats)
             for name, timing in timings.items():
                 row["sides"][name] = dict(
-                    tokens_per_s=batch_size * args.new_tokens / timing.primary(args.device), **timing.as_dict()
+                    tokens_per_s=batch_size * args.new_tokens / timing.primary(args.device), **timing.as_dict(),
+                    first_call_s=first_call_s[name],
                 )
             speed = {name: side["tokens_per_s"] for name, side in row["sides"].items()}
-            row["ours_vs_transformers"] = speed["ours"] / speed["transformers"]
-            row["ours_vs_transformers_wall"] = timings["transformers"].wall_s / timings["ours"].wall_s
-            if "transformers_static_compiled" in speed:
-                row["ours_static_vs_transformers_static"] = (
-                    speed["ours_static_compiled"] / speed["transformers_static_compiled"]
-                )
-            if "ours_static_compiled" in speed:
-                row["ours_static_vs_transformers"] = speed["ours_static_compiled"] / speed["transformers"]
+            for mine, theirs_name, key in (
+                ("ours", "transformers", "ours_vs_transformers"),
+                ("ours_static_compiled", "transformers_static_compiled", "ours_static_vs_transformers_static"),
+                ("ours_static_compiled", "transformers", "ours_static_vs_transformers"),
+            ):
+                if mine in speed and theirs_name in speed:
+                    row[key] = speed[mine] / speed[theirs_name]
+            if "ours" in speed and "transformers" in speed:
+                row["ours_vs_transformers_wall"] = timings["transformers"].wall_s / timings["ours"].wall_s
             rows.append(row)
             print(f"batch {batch_size} {mode}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in speed.items()),
                   file=sys.stderr)

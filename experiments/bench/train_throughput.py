@@ -10,7 +10,8 @@ ln_vision); vision and LLM frozen. Sides:
   under ``torch.compile``;
 * ``ours_compiled``: ours with every transformer block compiled in place (``instructblip.train.parallelize
   .compile_blocks``, what ``stage.module.compile=true`` does in training). In-place means it cannot share a run
-  with ``ours`` or ``ours_full_logits``.
+  with ``ours`` or ``ours_full_logits``. ``--compile-mode reduce-overhead`` replays each compiled block as a CUDA
+  graph.
 
 * ``ours_packed``: ours' training path with ``pack_sequences`` (decoder-only): the samples packed without padding
   before the LLM. It pays off on batches of mixed lengths: ``--mixed-lengths`` gives each row the instruction and
@@ -39,13 +40,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    add_device_flags, build_pair, emit, environment, peak_memory_gib, setup_device, synthetic_batch, time_sides,
+    add_device_flags, build_pair, emit, environment, first_call, setup_device, sync, synthetic_batch, time_sides,
 )
 from padding import draw_text_lengths  # noqa: E402
 
@@ -58,8 +60,12 @@ RATIOS = (("ours", "transformers"), ("ours", "transformers_compiled"), ("ours_co
           ("ours_compiled", "transformers_compiled"), ("ours_packed", "transformers"), ("ours_packed", "ours"))
 
 
-def make_step(model, batch, device: str, **forward_flags):
-    """One training step on ``batch``, or on each micro-batch in turn when ``batch`` is a list (``--mixed-lengths``)."""
+def make_step(model, batch, device: str, cudagraphs: bool = False, **forward_flags):
+    """One training step on ``batch``, or on each micro-batch in turn when ``batch`` is a list (``--mixed-lengths``).
+
+    ``cudagraphs``: the model's blocks replay CUDA graphs; each step is marked as a new one, so the graphs' output
+    buffers may be reused from one step to the next.
+    """
     batches = batch if isinstance(batch, list) else [batch]
     params = [p for p in model.parameters() if p.requires_grad]
     fused = True  # both sides: torch's fused AdamW on a CPU and a GPU alike (what instructblip.train.optim picks)
@@ -70,6 +76,8 @@ def make_step(model, batch, device: str, **forward_flags):
 
     def step():
         for micro_batch in batches:
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast:
                 loss = model(**micro_batch, **forward_flags).loss
             loss.backward()
@@ -137,6 +145,32 @@ def flops_per_sample(step, batch_size: int) -> float:
     return counter.get_total_flops() / batch_size
 
 
+def kernel_profile(step, device: str) -> dict:
+    """Where a step's wall time goes on a GPU: one step under torch's profiler, its kernels' summed time against the
+    step's wall time (the rest is the GPU waiting for the host), the number of kernel launches and of host-device
+    synchronisations, and the kernels that take the most time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        step()
+        sync(device)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernel_s = sum(e.self_device_time_total for e in kernels) / 1e6
+    syncs = {e.key: e.count for e in events if e.key in (
+        "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync")}
+    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:8]
+    return dict(
+        profiled_wall_s=wall, kernel_s=kernel_s, gpu_busy=kernel_s / wall, kernel_launches=sum(e.count for e in kernels),
+        sync_calls=syncs, top_kernels=[dict(name=e.key[:80], s=e.self_device_time_total / 1e6, count=e.count)
+                                       for e in top],
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_device_flags(parser)
@@ -152,6 +186,10 @@ def main() -> None:
     parser.add_argument("--sides", default="ours,transformers,ours_full_logits",
                         help=f"comma-separated, from {', '.join(SIDES)}")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, for MFU")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU: profile one step of each side (kernel time against wall time, launches, syncs)")
+    parser.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile's mode for ours_compiled's blocks (default: torch's default)")
     args = parser.parse_args()
     setup_device(args.device, args.threads)
     chosen = args.sides.split(",")
@@ -164,10 +202,16 @@ def main() -> None:
     torch.manual_seed(0)
     # ours_compiled compiles the LLM's blocks in place: it must not be transformers' own LLM module
     pair = build_pair(args.size, args.llm, args.device, share_llm="ours_compiled" not in chosen)
+    cudagraphs = args.compile_mode == "reduce-overhead"
+    if {"ours_compiled", "transformers_compiled"} & set(chosen):
+        # every batch size gets its own static-shape graphs on both compiled sides (torch would otherwise compile
+        # the second batch size with a symbolic batch dimension, for ours only, since transformers' whole-model
+        # compile runs at one batch size per job)
+        torch._dynamo.config.automatic_dynamic_shapes = False
     if "ours_compiled" in chosen:
         from instructblip.train.parallelize import compile_blocks
 
-        compile_blocks(pair.ours)
+        compile_blocks(pair.ours, mode=args.compile_mode)
     compiled_theirs = torch.compile(pair.theirs) if "transformers_compiled" in chosen else None
     # Each side trains its own Q-Former during the timed steps: every batch size starts again from the shared
     # initial weights, so the agreement check compares the two implementations, not two training histories.
@@ -199,7 +243,9 @@ def main() -> None:
         factories = {
             "ours": lambda: make_step(pair.ours, ours_batch, args.device, return_logits=False),
             "ours_full_logits": lambda: make_step(pair.ours, ours_batch, args.device),
-            "ours_compiled": lambda: make_step(pair.ours, ours_batch, args.device, return_logits=False),
+            "ours_compiled": lambda: make_step(
+                pair.ours, ours_batch, args.device, cudagraphs=cudagraphs, return_logits=False
+            ),
             "ours_packed": lambda: packed(
                 make_step(pair.ours, ours_batch, args.device, return_logits=False), pair.ours
             ),
@@ -220,13 +266,17 @@ def main() -> None:
                 positions["padded"] += batch_size * max(lengths)
                 positions["packed"] += len(packed_rows) * row_length
             row["llm_positions"] = positions
-        peaks = {name: peak_memory_gib(step, args.device) for name, step in sides.items()}
+        print(f"batch {batch_size}:", file=sys.stderr, flush=True)
+        first_calls = {name: first_call(name, step, args.device) for name, step in sides.items()}
+        failed = {name: call["error"] for name, call in first_calls.items() if "error" in call}
+        if failed:
+            row["failed_sides"] = failed
+            sides = {name: step for name, step in sides.items() if name not in failed}
         timings = time_sides(sides, args.device, args.warmup, args.repeats)
         for name, timing in timings.items():
-            side = dict(samples_per_s=samples_per_call / timing.primary(args.device), **timing.as_dict())
-            if peaks[name] is not None:
-                side["peak_gib"] = peaks[name]
-            row["sides"][name] = side
+            row["sides"][name] = dict(
+                samples_per_s=samples_per_call / timing.primary(args.device), **timing.as_dict(), **first_calls[name]
+            )
         speed = {name: side["samples_per_s"] for name, side in row["sides"].items()}
         for mine, theirs in RATIOS:
             if mine in speed and theirs in speed:
@@ -241,6 +291,12 @@ def main() -> None:
                 row["ours_tflop_per_sample"] = flops_per_sample(sides["ours"], samples_per_call) / 1e12
             for name in speed:
                 row["sides"][name]["utilisation"] = speed[name] * reference / (args.peak_tflops * 1e12)
+        if args.profile and args.device.startswith("cuda"):
+            for name, step in sides.items():
+                row["sides"][name]["profile"] = kernel_profile(step, args.device)
+                busy = row["sides"][name]["profile"]
+                print(f"  {name}: kernels {busy['kernel_s'] * 1e3:.0f} ms of {busy['profiled_wall_s'] * 1e3:.0f} ms, "
+                      f"{busy['kernel_launches']} launches, syncs {busy['sync_calls']}", file=sys.stderr, flush=True)
         rows.append(row)
         print(f"batch {batch_size}: " + ", ".join(f"{k} {v:.2f}/s" for k, v in speed.items()), file=sys.stderr)
     emit(dict(
@@ -250,6 +306,7 @@ def main() -> None:
                               f"(seeds 0..{args.mixed_lengths - 1})") if args.mixed_lengths
                  else dict(qformer=args.qformer_len, prompt=args.prompt_len, answer=args.answer_len)),
         timing=f"warmup {args.warmup}, {args.repeats} interleaved repeats, medians",
+        compile_mode=args.compile_mode if "ours_compiled" in chosen else None,
         environment=environment(args.device), rows=rows,
     ))
 

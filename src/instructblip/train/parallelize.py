@@ -42,16 +42,17 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return chosen
 
 
-def compile_blocks(model: nn.Module, backend: str = "inductor") -> nn.Module:
+def compile_blocks(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> nn.Module:
     """``torch.compile`` every transformer block in place (regional compilation, as torchtitan does).
 
     The blocks of one tower run the same code, so they share one compiled graph (torch compiles a block's code
     once and passes each block's weights in as inputs): compile time is that of a few blocks, not of a 7B model,
     and a graph break in one place costs one block, not the step. Apply before :func:`parallelize`, so FSDP's
-    hooks stay outside the compiled regions.
+    hooks stay outside the compiled regions. ``mode`` is torch.compile's (``"reduce-overhead"``: each block
+    replays as a CUDA graph, for steps bound by kernel launches).
     """
     for block in transformer_blocks(model):
-        block.compile(backend=backend)
+        block.compile(backend=backend, mode=mode)
     return model
 
 
