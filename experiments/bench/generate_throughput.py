@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64, help="LLM prompt incl. the visual tokens")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--beams", type=int, default=5, help="0: skip beam search")
+    parser.add_argument("--modes", default="greedy,beam", help="which of greedy, beam to time")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--static", action="store_true", help="also time static caches with compiled decode steps")
@@ -72,7 +73,10 @@ def main() -> None:
     pair = build_pair(args.size, args.llm, args.device)
     pair.ours.eval()
     pair.theirs.eval()
-    modes = [("greedy", 1)] + ([("beam", args.beams)] if args.beams > 1 else [])
+    chosen = args.modes.split(",")
+    modes = [("greedy", 1)] * ("greedy" in chosen) + [("beam", args.beams)] * ("beam" in chosen and args.beams > 1)
+    if not modes:
+        parser.error(f"--modes {args.modes!r}: choose from greedy, beam (beam needs --beams > 1)")
     rows = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         ours_batch, theirs_batch = generation_inputs(pair, batch_size, args.prompt_len, args.device)

@@ -51,6 +51,10 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", mode: str | None
     hooks stay outside the compiled regions. ``mode`` is torch.compile's (``"reduce-overhead"``: each block
     replays as a CUDA graph, for steps bound by kernel launches).
     """
+    # A tower's blocks are not all alike (Q-Former layers with and without cross-attention, the last one computing
+    # the queries alone), and each kind compiles once per grad mode, train/eval and input shape: torch's default of
+    # 8 graphs per function would leave the later Q-Former layers running eagerly (seen on an H200 at batch 16).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in transformer_blocks(model):
         block.compile(backend=backend, mode=mode)
     return model
