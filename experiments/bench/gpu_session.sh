@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# All GPU benchmarks of issue 7 in one prepared session of under 10 minutes (one H100/H200), released sizes:
-# Vicuna-7B and FlanT5-XL configurations with random weights, bf16 autocast, frozen towers in bf16.
+# The GPU benchmarks of issue 7 in one prepared session of under 10 minutes (one H100/H200), released sizes:
+# the Vicuna-7B configuration with random weights, bf16 autocast, frozen towers in bf16. (FlanT5-XL, measured on the
+# H100 on 2026-11-26: train_throughput.py --llm t5 with the flags of job 1.)
 #
 #   bash experiments/bench/gpu_session.sh            # results in $OUT (the device tool) or experiments/results/gpu
 #   PEAK_TFLOPS=790 BUDGET_S=570 PYTHON=python3 bash experiments/bench/gpu_session.sh
@@ -49,6 +50,9 @@ job() {  # job SECONDS NAME COMMAND...  (the limit is cut to what is left of the
     echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
     if timeout "$limit" "$@" >"$DEST/$name-$STAMP.$ext" 2>>"$LOG"; then
         echo "== $name done in $((SECONDS - start))s" | tee -a "$LOG"
+    elif [[ $ext == json ]] && "$PY" -c "import json, sys; json.load(open(sys.argv[1]))" "$DEST/$name-$STAMP.$ext" 2>/dev/null
+    then  # its results were all written; what ran out was the interpreter's exit (compile workers shutting down)
+        echo "== $name done in $((SECONDS - start))s (results complete; stopped while exiting)" | tee -a "$LOG"
     else
         echo "== $name FAILED or timed out after $((SECONDS - start))s" | tee -a "$LOG"
     fi
@@ -69,29 +73,31 @@ echo "== background: compiling transformers whole at batch 16 (limit ${WARM_LIMI
     >>"$LOG" &
 WARM_PID=$!
 
-# 1. Training, Vicuna-7B, eager: ours vs transformers as it is, batch 8/16/32, FLOPs, utilisation, peak memory.
-job 75 train_throughput-$SIZE-llama-$DEVICE $(bench train_throughput.py) --size $SIZE --llm llama \
+# Limits from the H200 session of 2026-11-26/27 (the log's times): each job's own run plus a margin.
+# 1. Training, Vicuna-7B, eager: ours vs transformers as it is, batch 8/16/32, FLOPs, utilisation, peak memory, and a
+#    profile of one step per side (kernel time against wall time, launches, host-device synchronisations).
+job 110 train_throughput-$SIZE-llama-$DEVICE $(bench train_throughput.py) --size $SIZE --llm llama \
     --device $DEVICE --batch-sizes 8,16,32 --sides ours,transformers --warmup 3 --repeats 5 --peak-tflops "$PEAK" --profile
 # 2. Training, Vicuna-7B: ours with every block compiled (regional: one graph per tower) vs transformers as it is.
-job 160 train_throughput-$SIZE-llama-$DEVICE-ours_compiled $(bench train_throughput.py) --size $SIZE \
+job 120 train_throughput-$SIZE-llama-$DEVICE-ours_compiled $(bench train_throughput.py) --size $SIZE \
     --llm llama --device $DEVICE --batch-sizes 8,16 --sides ours_compiled,transformers --warmup 2 --repeats 5 \
     --peak-tflops "$PEAK" --profile
-# 3. Generation, Vicuna-7B, batch 1/16, greedy and 5-beam search: ours' lean loops and transformers' generate with
-#    dynamic caches, and both with static caches and compiled (CUDA-graph) decode steps (beam: ours only).
-job 170 generate_throughput-$SIZE-llama-$DEVICE-static $(bench generate_throughput.py) --size $SIZE \
-    --llm llama --device $DEVICE --batch-sizes 1,16 --beams 5 --static --warmup 1 --repeats 3
+# 3. Generation, Vicuna-7B, batch 1, greedy and 5-beam search: ours' lean loops and transformers' generate with
+#    dynamic caches, and both with static caches and compiled (CUDA-graph) decode steps (beam: ours only). Each
+#    static side compiles its decode step in 30-40 s.
+job 160 generate_throughput-$SIZE-llama-$DEVICE-static $(bench generate_throughput.py) --size $SIZE \
+    --llm llama --device $DEVICE --batch-sizes 1 --beams 5 --static --warmup 1 --repeats 3
 wait "$WARM_PID"
 tail -n 5 "$WARM_LOG" | sed 's/^/   background: /' >>"$LOG"
 # 4. Training, Vicuna-7B, batch 16: transformers compiled whole vs transformers as it is (the compiled graphs come
 #    from the background process's cache; ours_compiled's figures are job 2's, transformers eager is in both).
-job 150 train_throughput-$SIZE-llama-$DEVICE-transformers_compiled $(bench train_throughput.py) --size $SIZE \
+job 80 train_throughput-$SIZE-llama-$DEVICE-transformers_compiled $(bench train_throughput.py) --size $SIZE \
     --llm llama --device $DEVICE --batch-sizes 16 --sides transformers_compiled,transformers --warmup 2 --repeats 5 \
     --peak-tflops "$PEAK" --profile
 # 5. The test suite's GPU tests (FSDP2 step, bf16 frozen towers, dtype policy, image features).
 job 50 pytest-gpu "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/train/test_parallel.py \
     tests/model/test_model_presets.py tests/data/test_image_features.py
-# 6. Ours' compiled blocks replayed as CUDA graphs (--compile-mode reduce-overhead), batch 8/16.
-job 120 train_throughput-$SIZE-llama-$DEVICE-ours_cudagraphs $(bench train_throughput.py) --size $SIZE \
-    --llm llama --device $DEVICE --batch-sizes 8,16 --sides ours_compiled,transformers --compile-mode reduce-overhead \
-    --warmup 2 --repeats 5 --peak-tflops "$PEAK"
+# 6. Generation at batch 16, greedy, with what is left.
+job 150 generate_throughput-$SIZE-llama-$DEVICE-static-b16 $(bench generate_throughput.py) --size $SIZE \
+    --llm llama --device $DEVICE --batch-sizes 16 --modes greedy --static --warmup 1 --repeats 3
 echo "== session done in ${SECONDS}s" | tee -a "$LOG"

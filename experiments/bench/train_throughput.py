@@ -10,8 +10,9 @@ ln_vision); vision and LLM frozen. Sides:
   under ``torch.compile``;
 * ``ours_compiled``: ours with every transformer block compiled in place (``instructblip.train.parallelize
   .compile_blocks``, what ``stage.module.compile=true`` does in training). In-place means it cannot share a run
-  with ``ours`` or ``ours_full_logits``. ``--compile-mode reduce-overhead`` replays each compiled block as a CUDA
-  graph.
+  with ``ours`` or ``ours_full_logits``. ``--compile-mode`` passes torch.compile's mode to every block; on the H200,
+  ``reduce-overhead`` (each block replayed as a CUDA graph) failed in the first eval forward: the 39 ViT blocks share
+  one compiled function, and a block's replay overwrote the output the next block still read.
 
 * ``ours_packed``: ours' training path with ``pack_sequences`` (decoder-only): the samples packed without padding
   before the LLM. It pays off on batches of mixed lengths: ``--mixed-lengths`` gives each row the instruction and
