@@ -44,9 +44,9 @@ class VisionPretrainConfig:
     lr: float = 1e-3
     warmup: int = 50
     seed: int = 0
-    # the initial scale of the absolute position embedding; timm's Eva draws it at std 0.02, against patch
-    # embeddings of order 1 (a 24 px patch has 1728 inputs): see build_clip
-    pos_embed_std: float = 0.02
+    # the initial scale of the absolute position embedding, drawn normal; None keeps timm's own draw (truncated
+    # normal, std 0.02, against patch embeddings of order 1: a 24 px patch has 1728 inputs): see build_clip
+    pos_embed_std: float | None = None
 
 
 def clip_text(scene: world.Scene) -> str:
@@ -112,7 +112,8 @@ def build_clip(cfg: VisionPretrainConfig):
     # content. At timm's 0.02 the position embedding is drowned by the patch's own embedding and, after contrastive
     # training, a linear probe found the cell of an occupied token in 19.5% of cases (chance 11%); at 1.0, in 100%
     # (experiments/README.md, "Session 7")
-    torch.nn.init.normal_(model.visual.trunk.pos_embed, std=cfg.pos_embed_std)
+    if cfg.pos_embed_std is not None:
+        torch.nn.init.normal_(model.visual.trunk.pos_embed, std=cfg.pos_embed_std)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg.context_length)
     return model, tokenizer
 
