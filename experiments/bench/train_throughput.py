@@ -13,6 +13,8 @@ ln_vision); vision and LLM frozen. Sides:
   with ``ours`` or ``ours_full_logits``. ``--compile-mode`` passes torch.compile's mode to every block; on the H200,
   ``reduce-overhead`` (each block replayed as a CUDA graph) failed in the first eval forward: the 39 ViT blocks share
   one compiled function, and a block's replay overwrote the output the next block still read.
+* ``ours_compiled_whole``: ours' training path under one ``torch.compile`` of the whole model, as
+  ``transformers_compiled`` compiles theirs (a benchmark side; training compiles block by block).
 
 * ``ours_packed``: ours' training path with ``pack_sequences`` (decoder-only): the samples packed without padding
   before the LLM. It pays off on batches of mixed lengths: ``--mixed-lengths`` gives each row the instruction and
@@ -55,10 +57,12 @@ from padding import draw_text_lengths  # noqa: E402
 from instructblip.model.packing import row_layout  # noqa: E402
 
 
-SIDES = ("ours", "ours_full_logits", "ours_compiled", "ours_packed", "transformers", "transformers_compiled")
+SIDES = ("ours", "ours_full_logits", "ours_compiled", "ours_compiled_whole", "ours_packed", "transformers",
+         "transformers_compiled")
 # (numerator, denominator) of the reported speed ratios, where both sides ran
 RATIOS = (("ours", "transformers"), ("ours", "transformers_compiled"), ("ours_compiled", "transformers"),
-          ("ours_compiled", "transformers_compiled"), ("ours_packed", "transformers"), ("ours_packed", "ours"))
+          ("ours_compiled", "transformers_compiled"), ("ours_compiled_whole", "transformers_compiled"),
+          ("ours_compiled_whole", "transformers"), ("ours_packed", "transformers"), ("ours_packed", "ours"))
 
 
 def make_step(model, batch, device: str, cudagraphs: bool = False, **forward_flags):
@@ -197,14 +201,15 @@ def main() -> None:
     unknown = sorted(set(chosen) - set(SIDES))
     if unknown:
         parser.error(f"--sides: unknown {unknown}; allowed: {', '.join(SIDES)}")
-    if "ours_compiled" in chosen and {"ours", "ours_full_logits"} & set(chosen):
-        parser.error("--sides: ours_compiled compiles ours in place; run it without ours and ours_full_logits")
+    if "ours_compiled" in chosen and {"ours", "ours_full_logits", "ours_compiled_whole"} & set(chosen):
+        parser.error("--sides: ours_compiled compiles ours in place; run it without ours, ours_full_logits and "
+                     "ours_compiled_whole")
 
     torch.manual_seed(0)
     # ours_compiled compiles the LLM's blocks in place: it must not be transformers' own LLM module
     pair = build_pair(args.size, args.llm, args.device, share_llm="ours_compiled" not in chosen)
     cudagraphs = args.compile_mode == "reduce-overhead"
-    if {"ours_compiled", "transformers_compiled"} & set(chosen):
+    if {"ours_compiled", "ours_compiled_whole", "transformers_compiled"} & set(chosen):
         # every batch size gets its own static-shape graphs on both compiled sides (torch would otherwise compile
         # the second batch size with a symbolic batch dimension, for ours only, since transformers' whole-model
         # compile runs at one batch size per job)
@@ -214,6 +219,7 @@ def main() -> None:
 
         compile_blocks(pair.ours, mode=args.compile_mode)
     compiled_theirs = torch.compile(pair.theirs) if "transformers_compiled" in chosen else None
+    compiled_ours = torch.compile(pair.ours) if "ours_compiled_whole" in chosen else None
     # Each side trains its own Q-Former during the timed steps: every batch size starts again from the shared
     # initial weights, so the agreement check compares the two implementations, not two training histories.
     initial = [(p, p.detach().clone()) for model in (pair.ours, pair.theirs) for p in model.parameters()
@@ -251,6 +257,7 @@ def main() -> None:
                 make_step(pair.ours, ours_batch, args.device, return_logits=False), pair.ours
             ),
             "transformers": lambda: make_step(pair.theirs, theirs_batch, args.device),
+            "ours_compiled_whole": lambda: make_step(compiled_ours, ours_batch, args.device, return_logits=False),
             "transformers_compiled": lambda: make_step(compiled_theirs, theirs_batch, args.device),
         }
         sides = {name: factories[name]() for name in chosen}
