@@ -143,6 +143,19 @@ def build_pair(size: str, llm: str, device: str, seed: int = 0, share_llm: bool 
     return Pair(theirs=theirs, ours=ours, config=config)
 
 
+def train_like_the_module(ours) -> None:
+    """Ours in the modes ``instructblip.train.module`` trains it in: train mode, except the frozen towers other than
+    the LLM (the vision trunk), which stay in eval mode (no dropout calls, as LAVIS); the frozen LLM keeps its
+    dropout, as LAVIS and the module's default ``frozen_llm_dropout=true``."""
+    from instructblip.train.module import frozen_modules
+
+    ours.train()
+    in_llm = {id(m) for m in ours.llm.modules()}
+    for module in frozen_modules(ours):
+        if id(module) not in in_llm:
+            module.eval()
+
+
 def freeze_like_lavis(theirs) -> None:
     """The trainable set of InstructBLIP: queries, Q-Former, projection and ln_vision (post_layernorm)."""
     theirs.vision_model.requires_grad_(False)

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     add_device_flags, build_pair, emit, environment, peak_memory_gib, setup_device, synthetic_batch, time_sides,
+    train_like_the_module,
 )
 from train_throughput import make_step  # noqa: E402  (the same training step, fused AdamW on every device)
 
@@ -58,7 +59,7 @@ def main() -> None:
     model = pair.ours
     config = pair.config
     del pair  # transformers' side is not timed here; ours keeps the shared (frozen) LLM module
-    model.train()
+    train_like_the_module(model)
     vision = model.vision
     results = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:

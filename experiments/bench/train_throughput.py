@@ -4,7 +4,9 @@ One training step = forward + loss + backward + AdamW step on the trainable set 
 ln_vision); vision and LLM frozen. Sides:
 
 * ``ours``: the training path (``model(**batch, return_logits=False)``: LM head and cross-entropy on the labelled
-  positions only), what ``instructblip.train.module`` runs;
+  positions only), what ``instructblip.train.module`` runs, in its modes (``common.train_like_the_module``: the
+  frozen vision trunk in eval mode, so its dropout layers, all at p=0, are skipped; the runs before 2026-11-27 had
+  it in train mode);
 * ``ours_full_logits``: ours with the full logits (the plain ``forward``), to show that lever alone;
 * ``transformers``: ``InstructBlipForConditionalGeneration`` as it is; ``transformers_compiled``: the whole model
   under ``torch.compile``;
@@ -51,6 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     add_device_flags, build_pair, emit, environment, first_call, setup_device, sync, synthetic_batch, time_sides,
+    train_like_the_module,
 )
 from padding import draw_text_lengths  # noqa: E402
 
@@ -245,7 +248,7 @@ def main() -> None:
             pair.ours.config.pack_sequences = True
             packed_agreement = check_agreement(pair, ours_batch, theirs_batch, args.device)
             pair.ours.config.pack_sequences = False
-        pair.ours.train()
+        train_like_the_module(pair.ours)
         pair.theirs.train()
         factories = {
             "ours": lambda: make_step(pair.ours, ours_batch, args.device, return_logits=False),
