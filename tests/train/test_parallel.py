@@ -67,6 +67,30 @@ def test_gpu_bf16_mixed_keeps_frozen_towers_in_bf16(tiny_checkpoint, generated_d
     assert [n for n in module.trainable_names if params[n].dtype != torch.float32] == []
 
 
+def test_whole_model_compile_reaches_the_training_run(tiny_checkpoint, generated_data, tmp_path):
+    from instructblip.train.parallelize import transformer_blocks
+    from instructblip.train.run import build
+
+    cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data, steps=1),
+                   "stage.module.compile=aot_eager", "stage.module.compile_scope=whole"], tmp_path)
+    module, datamodule, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 1
+    assert module.model._compiled_call_impl is not None  # the model's forward, one graph
+    assert all(block._compiled_call_impl is None for block in transformer_blocks(module.model))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_an_unknown_compile_scope_names_the_key_and_the_choices(tiny_checkpoint, generated_data, tmp_path):
+    from instructblip.errors import ConfigError
+    from instructblip.train.run import build
+
+    cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data, steps=1),
+                   "stage.module.compile_scope=everything"], tmp_path)
+    with pytest.raises(ConfigError, match=r"stage.module.compile_scope='everything' \(str\); expected blocks, whole"):
+        build(cfg)
+
+
 def test_sharded_checkpoint_consolidates_to_one_file(tmp_path):
     """A DCP checkpoint directory (what sharded FSDP saves, with Lightning's meta.pt beside it) -> one .ckpt."""
     import torch.distributed.checkpoint as dcp

@@ -32,6 +32,7 @@ from instructblip.train.data import position_seed
 
 BOOKKEEPING_KEYS = ("dataset", "sample_index")
 LOSS_WEIGHTINGS = ("token", "sample")
+COMPILE_SCOPES = ("blocks", "whole")
 
 
 class NonFiniteLossError(InstructBlipError):
@@ -106,6 +107,7 @@ class InstructBlipModule(pl.LightningModule):
         validation: dict | None = None,
         parallelize: Callable | None = None,
         compile: bool | str = False,
+        compile_scope: str = "blocks",
         frozen_llm_dropout: bool = True,
         loss_weighting: str = "token",
     ):
@@ -128,6 +130,11 @@ class InstructBlipModule(pl.LightningModule):
         self.loss_weighting = loss_weighting
         # True: inductor; a string names another torch.compile backend ("aot_eager" checks the wrapping on a CPU)
         self.compile_backend = ("inductor" if compile is True else compile) or None
+        # blocks: each transformer block its own graph (seconds to compile, FSDP-friendly); whole: the model's forward
+        # as one graph (minutes at 7B; no host time between blocks; not under FSDP)
+        if compile_scope not in COMPILE_SCOPES:
+            raise ConfigError(f"stage.module.compile_scope={compile_scope!r}; allowed: {', '.join(COMPILE_SCOPES)}")
+        self.compile_scope = compile_scope
         self.model: nn.Module | None = None
         self.processor = None
         self.trainable_names: list[str] = []
@@ -175,7 +182,12 @@ class InstructBlipModule(pl.LightningModule):
                 from instructblip.train.parallelize import parallelize
 
                 self.parallelize_fn = parallelize
-        if self.compile_backend:
+        if self.compile_backend and self.compile_scope == "whole":
+            if sharded:
+                raise ConfigError("stage.module.compile_scope=whole is not supported with trainer=fsdp; "
+                                  "allowed there: stage.module.compile_scope=blocks")
+            self.model.compile(backend=self.compile_backend)
+        elif self.compile_backend:
             from instructblip.train.parallelize import compile_blocks
 
             compile_blocks(self.model, backend=self.compile_backend)

@@ -79,6 +79,7 @@ CHECKS: list[Check] = [
     ("faults.max_consecutive_nonfinite", int, lambda v: v >= 0, "an integer >= 0"),
     ("validation.every_n_steps", (int, type(None)), lambda v: v is None or v >= 1, "an integer >= 1 or null"),
     ("stage.name", str, lambda v: v in STAGES, "blip2_stage1, blip2_stage2, instruction_tuning, finetune"),
+    ("stage.module.compile_scope", str, lambda v: v in ("blocks", "whole"), "blocks, whole"),
 ]
 
 STAGES = ("blip2_stage1", "blip2_stage2", "instruction_tuning", "finetune")
