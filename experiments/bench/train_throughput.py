@@ -16,7 +16,7 @@ ln_vision); vision and LLM frozen. Sides:
   ``reduce-overhead`` (each block replayed as a CUDA graph) failed in the first eval forward: the 39 ViT blocks share
   one compiled function, and a block's replay overwrote the output the next block still read.
 * ``ours_compiled_whole``: ours' training path under one ``torch.compile`` of the whole model, as
-  ``transformers_compiled`` compiles theirs (a benchmark side; training compiles block by block).
+  ``transformers_compiled`` compiles theirs (what ``stage.module.compile_scope=whole`` does in training).
 
 * ``ours_packed``: ours' training path with ``pack_sequences`` (decoder-only): the samples packed without padding
   before the LLM. It pays off on batches of mixed lengths: ``--mixed-lengths`` gives each row the instruction and
