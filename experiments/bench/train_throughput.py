@@ -173,7 +173,8 @@ def kernel_profile(step, device: str) -> dict:
         "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync")}
     top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:8]
     return dict(
-        profiled_wall_s=wall, kernel_s=kernel_s, gpu_busy=kernel_s / wall, kernel_launches=sum(e.count for e in kernels),
+        profiled_wall_s=wall, kernel_s=kernel_s, gpu_busy=kernel_s / wall,
+        kernel_launches=sum(e.count for e in kernels),
         sync_calls=syncs, top_kernels=[dict(name=e.key[:80], s=e.self_device_time_total / 1e6, count=e.count)
                                        for e in top],
     )

@@ -48,8 +48,9 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", mode: str | None
     The blocks of one tower run the same code, so they share one compiled graph (torch compiles a block's code
     once and passes each block's weights in as inputs): compile time is that of a few blocks, not of a 7B model,
     and a graph break in one place costs one block, not the step. Apply before :func:`parallelize`, so FSDP's
-    hooks stay outside the compiled regions. ``mode`` is torch.compile's (``"reduce-overhead"``: each block
-    replays as a CUDA graph, for steps bound by kernel launches).
+    hooks stay outside the compiled regions. ``mode`` is torch.compile's; ``"reduce-overhead"`` (each block a CUDA
+    graph) failed on an H200: the ViT's blocks share one compiled function, whose next replay overwrote the output
+    the following block still read.
     """
     # A tower's blocks are not all alike (Q-Former layers with and without cross-attention, the last one computing
     # the queries alone), and each kind compiles once per grad mode, train/eval and input shape: torch's default of
