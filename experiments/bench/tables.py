@@ -46,8 +46,9 @@ def generate_table(result: dict) -> list[str]:
              "|" + "---|" * (len(names) + 5)]
     for row in result["rows"]:
         cells = [f"{row['sides'][n]['tokens_per_s']:.1f}" if n in row["sides"] else "" for n in names]
+        ratio = lambda key: f"{row[key]:.2f}x" if key in row else "—"  # noqa: E731 (a side that failed: no ratio)
         lines.append(f"| {row['batch']} | {row['mode']} | " + " | ".join(cells)
-                     + f" | **{row['ours_vs_transformers']:.2f}x** | {row['ours_vs_transformers_wall']:.2f}x | "
+                     + f" | **{ratio('ours_vs_transformers')}** | {ratio('ours_vs_transformers_wall')} | "
                      f"{row['identical_token_ids']} |")
     return lines
 
