@@ -74,3 +74,13 @@ def test_a_wrong_weighting_names_the_key_and_the_choices():
 
     with pytest.raises(ConfigError, match=r"stage\.module\.loss_weighting='mean'; allowed: token, sample"):
         InstructBlipModule(model=lambda: None, optimizer=None, scheduler=None, loss_weighting="mean")
+
+
+def test_the_config_check_names_the_key_and_the_choices(tmp_path):
+    """On the command line the check comes before the module is built: one line, not Hydra's instantiation error."""
+    from instructblip.errors import ConfigError
+    from instructblip.train.validate import check_config
+
+    cfg = compose(["experiment=smoke", "stage.module.loss_weighting=mean"], tmp_path)
+    with pytest.raises(ConfigError, match=r"stage\.module\.loss_weighting='mean' \(str\); expected token, sample"):
+        check_config(cfg)

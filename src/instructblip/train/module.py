@@ -29,10 +29,9 @@ from torch import nn
 
 from instructblip.errors import CheckpointError, ConfigError, InstructBlipError
 from instructblip.train.data import position_seed
+from instructblip.train.validate import COMPILE_SCOPES, LOSS_WEIGHTINGS
 
 BOOKKEEPING_KEYS = ("dataset", "sample_index")
-LOSS_WEIGHTINGS = ("token", "sample")
-COMPILE_SCOPES = ("blocks", "whole")
 
 
 class NonFiniteLossError(InstructBlipError):

@@ -55,6 +55,10 @@ def check_overrides(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> None
                 raise ConfigError(f"{key}: no such config group; groups: {', '.join(sorted(groups))}")
 
 
+# the allowed values of two InstructBlipModule arguments, here so that the config check needs no Lightning import
+COMPILE_SCOPES = ("blocks", "whole")
+LOSS_WEIGHTINGS = ("token", "sample")
+
 Check = tuple[str, type | tuple[type, ...], Callable[[Any], bool] | None, str]
 
 CHECKS: list[Check] = [
@@ -79,7 +83,10 @@ CHECKS: list[Check] = [
     ("faults.max_consecutive_nonfinite", int, lambda v: v >= 0, "an integer >= 0"),
     ("validation.every_n_steps", (int, type(None)), lambda v: v is None or v >= 1, "an integer >= 1 or null"),
     ("stage.name", str, lambda v: v in STAGES, "blip2_stage1, blip2_stage2, instruction_tuning, finetune"),
-    ("stage.module.compile_scope", str, lambda v: v in ("blocks", "whole"), "blocks, whole"),
+    ("stage.module.compile_scope", str, lambda v: v in COMPILE_SCOPES, ", ".join(COMPILE_SCOPES)),
+    # stage 1 has no loss weighting (its losses are BLIP-2's three)
+    ("stage.module.loss_weighting", (str, type(None)), lambda v: v is None or v in LOSS_WEIGHTINGS,
+     ", ".join(LOSS_WEIGHTINGS)),
 ]
 
 STAGES = ("blip2_stage1", "blip2_stage2", "instruction_tuning", "finetune")
