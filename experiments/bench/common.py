@@ -147,13 +147,10 @@ def train_like_the_module(ours) -> None:
     """Ours in the modes ``instructblip.train.module`` trains it in: train mode, except the frozen towers other than
     the LLM (the vision trunk), which stay in eval mode (no dropout calls, as LAVIS); the frozen LLM keeps its
     dropout, as LAVIS and the module's default ``frozen_llm_dropout=true``."""
-    from instructblip.train.module import frozen_modules
+    from instructblip.train.module import frozen_modules, frozen_towers_to_eval
 
     ours.train()
-    in_llm = {id(m) for m in ours.llm.modules()}
-    for module in frozen_modules(ours):
-        if id(module) not in in_llm:
-            module.eval()
+    frozen_towers_to_eval(ours, frozen_modules(ours))
 
 
 def freeze_like_lavis(theirs) -> None:

@@ -75,6 +75,16 @@ def frozen_modules(model: nn.Module) -> list[nn.Module]:
     return out
 
 
+def frozen_towers_to_eval(model: nn.Module | None, frozen: list[nn.Module], llm_dropout: bool = True) -> None:
+    """The ``frozen`` towers (:func:`frozen_modules`) to eval mode: no dropout and no statistics updates in the
+    frozen vision trunk, as LAVIS. ``llm_dropout``: the frozen LLM stays as it is (LAVIS leaves it in train mode)."""
+    llm = getattr(model, "llm", None)
+    in_llm = {id(m) for m in llm.modules()} if llm is not None and llm_dropout else set()
+    for module in frozen:
+        if id(module) not in in_llm:
+            module.eval()
+
+
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, decoder_only: bool) -> torch.Tensor:
     """Token-mean cross-entropy per row (for the per-dataset logs), from the model's logits and the batch labels.
 
@@ -200,11 +210,7 @@ class InstructBlipModule(pl.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        llm = getattr(self.model, "llm", None)
-        in_llm = {id(m) for m in llm.modules()} if llm is not None and self.frozen_llm_dropout else set()
-        for module in self._frozen:  # no dropout and no statistics updates in the frozen vision trunk, as LAVIS
-            if id(module) not in in_llm:
-                module.eval()
+        frozen_towers_to_eval(self.model, self._frozen, self.frozen_llm_dropout)
         return self
 
     def configure_optimizers(self):
