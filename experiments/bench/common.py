@@ -269,25 +269,25 @@ def peak_memory_gib(step, device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
-def first_call(name: str, step, device: str) -> dict:
-    """Wall seconds of a side's first call (for a compiled side: its compilation) and, on CUDA, the peak memory of
-    a second call run alone; printed at once, so a job stopped later still leaves them in its log. A side whose
-    first call raises is reported (``{"error": ...}``, traceback on stderr) for the caller to drop, so one broken
-    side does not cost the others' figures."""
+def first_call(name: str, step, device: str) -> tuple[dict, object]:
+    """(facts, output) of a side's first call: its wall seconds (for a compiled side: its compilation) and, on
+    CUDA, the peak memory of a second call run alone; printed at once, so a job stopped later still leaves them in
+    its log. A side whose first call raises is reported (``({"error": ...}, None)``, traceback on stderr) for the
+    caller to drop, so one broken side does not cost the others' figures."""
     sync(device)
     start = time.perf_counter()
     try:
-        step()
+        output = step()
     except Exception as error:  # noqa: BLE001 - any failure of one side is reported, the benchmark goes on
         traceback.print_exc()
         print(f"  {name}: FAILED ({error!r}); timing the other sides", file=sys.stderr, flush=True)
-        return dict(error=repr(error))
+        return dict(error=repr(error)), None
     sync(device)
     seconds = time.perf_counter() - start
     peak = peak_memory_gib(step, device)
     print(f"  {name}: first call {seconds:.1f} s" + (f", peak {peak:.1f} GiB" if peak is not None else ""),
           file=sys.stderr, flush=True)
-    return dict(first_call_s=seconds, **({} if peak is None else dict(peak_gib=peak)))
+    return dict(first_call_s=seconds, **({} if peak is None else dict(peak_gib=peak))), output
 
 
 def median_seconds(fn, device: str, warmup: int, repeats: int) -> float:

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -34,7 +32,7 @@ from instructblip.model import decoding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    add_device_flags, build_pair, emit, environment, setup_device, sync, synthetic_batch, time_sides,
+    add_device_flags, build_pair, emit, environment, first_call, setup_device, synthetic_batch, time_sides,
 )
 
 
@@ -109,28 +107,20 @@ def main() -> None:
             reference = theirs().cpu()
             row = dict(batch=batch_size, mode=mode, beams=beams, ours_path=ours_path(pair, settings), sides={})
             print(f"batch {batch_size} {mode}:", file=sys.stderr, flush=True)
-            first_call_s = {}
-            for name, fn in list(sides.items()):  # a compiled side compiles in its first call: timed, printed at once
-                start = time.perf_counter()
-                try:
-                    ids = fn()
-                except Exception as error:  # noqa: BLE001 - one broken side is reported, the others are timed
-                    traceback.print_exc()
-                    print(f"  {name}: FAILED ({error!r})", file=sys.stderr, flush=True)
-                    row.setdefault("failed_sides", {})[name] = repr(error)
+            first_calls = {}
+            for name, fn in list(sides.items()):  # a compiled side compiles in its first call
+                first_calls[name], ids = first_call(name, fn, args.device)
+                if "error" in first_calls[name]:
+                    row.setdefault("failed_sides", {})[name] = first_calls.pop(name)["error"]
                     del sides[name]
-                    continue
-                sync(args.device)
-                first_call_s[name] = time.perf_counter() - start
-                print(f"  {name}: first call {first_call_s[name]:.1f} s", file=sys.stderr, flush=True)
-                if name.startswith("ours"):
+                elif name.startswith("ours"):
                     row[f"identical_token_ids_{name}"] = torch.equal(ids.cpu(), reference)
             row["identical_token_ids"] = all(v for k, v in row.items() if k.startswith("identical_token_ids_"))
             timings = time_sides(sides, args.device, args.warmup, args.repeats)
             for name, timing in timings.items():
                 row["sides"][name] = dict(
                     tokens_per_s=batch_size * args.new_tokens / timing.primary(args.device), **timing.as_dict(),
-                    first_call_s=first_call_s[name],
+                    **first_calls[name],
                 )
             speed = {name: side["tokens_per_s"] for name, side in row["sides"].items()}
             for mine, theirs_name, key in (

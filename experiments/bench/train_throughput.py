@@ -279,7 +279,7 @@ def main() -> None:
                 positions["packed"] += len(packed_rows) * row_length
             row["llm_positions"] = positions
         print(f"batch {batch_size}:", file=sys.stderr, flush=True)
-        first_calls = {name: first_call(name, step, args.device) for name, step in sides.items()}
+        first_calls = {name: first_call(name, step, args.device)[0] for name, step in sides.items()}
         failed = {name: call["error"] for name, call in first_calls.items() if "error" in call}
         if failed:
             row["failed_sides"] = failed
