@@ -215,8 +215,6 @@ class Demo:
             "callbacks.preemption=null", "callbacks.prediction_table=null", "callbacks.throughput=null",
             f"+trainer.enable_progress_bar={str(self.s.progress).lower()}", "trainer.enable_model_summary=false",
         ]
-        if not self.s.progress:
-            overrides.append("callbacks.progress_bar=null")
         if experiment == "shapesworld_stage1":
             overrides.append(f"stage.module.bert={self.out / 'bert'}")
         if init_from is not None:

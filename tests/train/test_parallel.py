@@ -38,8 +38,8 @@ def test_fsdp_step_on_a_gpu(tiny_checkpoint, generated_data, tmp_path):
     from instructblip.train.run import build
 
     cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data, steps=2), "trainer=fsdp",
-                   "trainer.devices=1", "callbacks=default", "callbacks.progress_bar=null",
-                   "checkpoint.every_n_steps=1", "checkpoint.export_huggingface=false"], tmp_path)
+                   "trainer.devices=1", "callbacks=default", "checkpoint.every_n_steps=1",
+                   "checkpoint.export_huggingface=false"], tmp_path)
     module, datamodule, trainer = build(cfg)
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 2

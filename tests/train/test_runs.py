@@ -115,3 +115,18 @@ def test_ddp_two_processes_follow_the_single_process_trajectory(tiny_checkpoint,
             torch.testing.assert_close(ddp[key], single[key], rtol=1e-5, atol=1e-6, msg=f"step {step}: {key}")
     first = torch.load(ddp_dir / "checkpoints" / "step=1.ckpt", map_location="cpu", weights_only=False)
     assert any(not torch.equal(first["state_dict"][f"model.{k}"], v) for k, v in snapshots.after_step[-1].items())
+
+
+def test_progress_bar_off_leaves_the_default_callbacks_usable(tiny_checkpoint, generated_data, tmp_path):
+    """`trainer.enable_progress_bar=false` with `callbacks=default` (which lists a progress bar): Lightning refuses
+    that pair, so the run leaves the bar's callback out instead of failing."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+
+    from instructblip.train.run import build
+
+    cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data), "callbacks=default"],
+                  tmp_path)
+    assert cfg.trainer.enable_progress_bar is False and "progress_bar" in cfg.callbacks
+    _, _, trainer = build(cfg)
+    assert not any(isinstance(callback, ProgressBar) for callback in trainer.callbacks)
+    assert any(isinstance(callback, ModelCheckpoint) for callback in trainer.callbacks)

@@ -61,6 +61,10 @@ def build(cfg: DictConfig):
     )
     datamodule = instantiate(cfg.data)
     callbacks = _instantiate_many(cfg.get("callbacks"))
+    if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a progress bar callback then
+        from lightning.pytorch.callbacks import ProgressBar
+
+        callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
     loggers = _instantiate_many(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **validation_schedule(cfg))
     return module, datamodule, trainer
