@@ -29,12 +29,13 @@ DATASETS = ("shapesworld_vqa", "shapesworld_count", "shapesworld_ocr_vqa", "shap
 
 def score(llm_dir: Path, samples: int) -> dict[str, float]:
     """Exact-match accuracy per dataset (and VQA question kind) with the scene text as context; ``pooled/...``: the
-    same questions with the context one object per position (``language.pooled_context``)."""
+    same questions with the context one object per position (``language.pooled_context``); ``focused/...``: the
+    lookup questions with only what they ask about as context (``tasks.question_focus``)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from instructblip.data import templates
     from instructblip.model import decoding
-    from instructblip.shapesworld import tasks
+    from instructblip.shapesworld import tasks, world
     from instructblip.shapesworld.language import pooled_context
 
     tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
@@ -60,12 +61,15 @@ def score(llm_dir: Path, samples: int) -> dict[str, float]:
             prompt = [tokenizer.bos_token_id] + ids(instruction)
             right = answers(table[ids(context)], prompt, record.answers[0])
             pooled = torch.stack([table[list(group)].mean(0) for group in pooled_context(tokenizer, context)])
-            right_pooled = answers(pooled, prompt, record.answers[0])
+            scored = [("", right), ("pooled/", answers(pooled, prompt, record.answers[0]))]
+            focus = tasks.question_focus(world.Scene.from_dict(record.extra["scene"]), record.question)
+            if focus is not None:
+                scored.append(("focused/", answers(table[ids(world.compact(focus))], prompt, record.answers[0])))
             keys = [name.removeprefix("shapesworld_")]
             if name == "shapesworld_vqa":
                 keys.append("vqa/" + tasks.question_kind(record.question))
             for key in keys:
-                for prefix, hit in (("", right), ("pooled/", right_pooled)):
+                for prefix, hit in scored:
                     hits[prefix + key][0] += hit
                     hits[prefix + key][1] += 1
     return {key: round(100 * right / total, 1) for key, (right, total) in hits.items()}

@@ -172,3 +172,25 @@ def test_pooled_contexts_stand_each_object_in_one_position_with_its_words_mean_e
     plain = module.collate([rows[1], rows[3]])
     assert "input_groups" not in plain
     assert torch.allclose(module.document_loss(plain), torch.stack([means[1], means[3]]).mean(), atol=1e-5)
+
+
+def test_instruction_loss_adds_the_instructions_own_mean_at_its_weight():
+    docs, tokenizer = _setup()
+    rows = encode_documents(tokenizer, docs, max_length=160)[:3]
+    vocab = len(tokenizer)
+    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0))
+    model = lambda input_ids, attention_mask: type("Out", (), {"logits": table[input_ids]})()  # noqa: E731
+    plain = CausalLMPretraining(model, tokenizer.pad_token_id, 1e-3, 1, 2)
+    weighted = CausalLMPretraining(model, tokenizer.pad_token_id, 1e-3, 1, 2, bos_id=tokenizer.bos_token_id,
+                                   instruction_loss=0.5)
+    batch = weighted.collate(rows)
+    expected = []
+    for i, (doc, (row, start)) in enumerate(zip(docs, rows)):
+        instruction = tokenizer(doc.instruction, add_special_tokens=False)["input_ids"]
+        assert batch["instruction_labels"][i][batch["instruction_labels"][i] != -100].tolist() == instruction
+        ids = torch.tensor(row)
+        per_token = torch.nn.functional.cross_entropy(table[ids[:-1]], ids[1:], reduction="none")
+        expected.append(per_token[start - 1:].mean() + 0.5 * per_token[start - 1 - len(instruction): start - 1].mean())
+    assert torch.allclose(weighted.document_loss(batch), torch.stack(expected).mean(), atol=1e-5)
+    assert "instruction_labels" not in plain.collate(rows)
+    assert weighted.document_loss(batch) > plain.document_loss(plain.collate(rows))

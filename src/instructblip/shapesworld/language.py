@@ -49,6 +49,8 @@ class LanguageConfig:
     unmarked_words: float = 0.0   # share of documents naming the written word without "word" (text.documents)
     shuffled_objects: float = 0.0  # share of documents listing the scene's objects in a random order (text.documents)
     pooled_contexts: float = 0.0  # share of documents whose scene text stands one object per position (pooled_context)
+    focused_contexts: float = 0.0  # share of lookup documents whose scene text is only what they ask about (text.documents)
+    instruction_loss: float = 0.0  # weight of each document's mean loss on its instruction beside its answer's
 
 
 class _Sequences(Dataset):
@@ -119,14 +121,22 @@ def encode_documents(tokenizer, docs: list[world_text.Document], max_length: int
 
 
 class CausalLMPretraining(L.LightningModule):
-    """Next-token loss on the answer and EOS only: the LLMs InstructBLIP starts from are instruction-tuned (Vicuna,
+    """Next-token loss on the answer and EOS: the LLMs InstructBLIP starts from are instruction-tuned (Vicuna,
     FlanT5) and answer about what they are given; a loss on the random scene text itself would spend most of the
-    budget on predicting the unpredictable and leave the model poor at reading its context."""
+    budget on predicting the unpredictable and leave the model poor at reading its context.
 
-    def __init__(self, model, pad_id: int, lr: float, warmup: int, steps: int):
+    With ``instruction_loss`` > 0 (and ``bos_id``), the instruction after BOS is predicted too, at that weight: a
+    question names objects of the scene before it ("what color is the circle?"), so predicting its words trains
+    the same look-back into the context that answering needs, from tokens every document already computes."""
+
+    def __init__(self, model, pad_id: int, lr: float, warmup: int, steps: int, bos_id: int | None = None,
+                 instruction_loss: float = 0.0):
         super().__init__()
+        if instruction_loss and bos_id is None:
+            raise ValueError("instruction_loss needs bos_id: the instruction is what follows BOS")
         self.model = model
         self.pad_id, self.lr, self.warmup, self.steps = pad_id, lr, warmup, steps
+        self.bos_id, self.instruction_loss = bos_id, instruction_loss
         self.losses: list[float] = []
 
     def collate(self, rows: list[tuple[list, int]]) -> dict[str, torch.Tensor]:
@@ -152,6 +162,14 @@ class CausalLMPretraining(L.LightningModule):
             mask[i, : len(row)] = 1
             labels[i, answer_start: len(row)] = ids[i, answer_start: len(row)]
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if self.instruction_loss:
+            # after the last BOS up to the answer (a document cut at max_length may have lost its BOS: no labels)
+            instruction = torch.full_like(labels, -100)
+            for i, (row, answer_start) in enumerate(rows):
+                bos = [j for j in range(answer_start) if ids[i, j] == self.bos_id]
+                if bos:
+                    instruction[i, bos[-1] + 1: answer_start] = ids[i, bos[-1] + 1: answer_start]
+            batch["instruction_labels"] = instruction
         if depth > 1:
             batch.update(input_groups=groups, group_mask=group_mask)
         return batch
@@ -172,13 +190,18 @@ class CausalLMPretraining(L.LightningModule):
             inputs = {"inputs_embeds": (table(batch["input_groups"]) * weights).sum(2) / weights.sum(2).clamp(min=1)}
         else:
             inputs = {"input_ids": batch["input_ids"]}
-        logits = self.model(**inputs, attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100,
-                                                      reduction="none")
-        counted = (labels != -100).float()
-        per_document = (per_token * counted).sum(1) / counted.sum(1).clamp(min=1)
-        return per_document[counted.sum(1) > 0].mean()
+        logits = self.model(**inputs, attention_mask=batch["attention_mask"]).logits[:, :-1].transpose(1, 2).float()
+
+        def per_document(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            labels = labels[:, 1:]
+            per_token = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+            counted = (labels != -100).float()
+            return (per_token * counted).sum(1) / counted.sum(1).clamp(min=1), counted.sum(1) > 0
+
+        loss, labelled = per_document(batch["labels"])
+        if "instruction_labels" in batch:
+            loss = loss + self.instruction_loss * per_document(batch["instruction_labels"])[0]
+        return loss[labelled].mean()
 
     def configure_optimizers(self):
         from transformers import get_cosine_schedule_with_warmup
@@ -218,7 +241,8 @@ def pretrain_language(cfg: LanguageConfig, progress: bool = True) -> Path:
 
     out = Path(cfg.out)
     L.seed_everything(cfg.seed, verbose=False)
-    text_options = {"unmarked_words": cfg.unmarked_words, "shuffled_objects": cfg.shuffled_objects}
+    text_options = {"unmarked_words": cfg.unmarked_words, "shuffled_objects": cfg.shuffled_objects,
+                    "focused_contexts": cfg.focused_contexts}
     named = {"": world_text.documents(cfg.documents, cfg.seed, **text_options)}
     for name, count in cfg.focus_documents.items():
         named[name] = world_text.documents(count, cfg.seed + 1, [name], **text_options)
@@ -242,7 +266,8 @@ def pretrain_language(cfg: LanguageConfig, progress: bool = True) -> Path:
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)
-    module = CausalLMPretraining(model, tokenizer.pad_token_id, cfg.lr, cfg.warmup, len(batches))
+    module = CausalLMPretraining(model, tokenizer.pad_token_id, cfg.lr, cfg.warmup, len(batches),
+                                 bos_id=tokenizer.bos_token_id, instruction_loss=cfg.instruction_loss)
     loader = DataLoader(_Sequences(rows), batch_sampler=batches, collate_fn=module.collate)
     trainer = L.Trainer(max_steps=len(batches), accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=progress, enable_model_summary=False, gradient_clip_val=1.0,

@@ -141,6 +141,27 @@ def attribute_question(rng: random.Random, scene: Scene, kind: str | None = None
     return next((option[1:] for option in options if option[0] == kind), None)
 
 
+def question_focus(scene: Scene, question: str) -> Scene | None:
+    """The part of ``scene`` a held-in lookup question is about: the shape a colour, shape, size or cell question
+    names, the shapes sharing the colour or the kind an existence question names, the word an OCR question asks for.
+    None for questions that need the whole scene (counting, relations) or name nothing the scene has.
+
+    Why: the instruction-aware Q-Former reads the image with the instruction in view and may hand the LLM the object
+    asked about alone; the LLM's text pretraining shows it such focused scene text beside whole scenes
+    (``text.documents``' ``focused_contexts``)."""
+    if question.startswith(("what word is written", "what is written")):
+        return Scene(shapes=[], word=scene.word, size=scene.size) if scene.word is not None else None
+    if not question.startswith(tuple(QUESTION_OPENINGS.values())) or any(rel in question for rel in RELATIONS):
+        return None   # not a lookup, or a relational one (compositional_question's) that needs the whole scene
+    words = set(question.rstrip("?").split())
+    colors, kinds = words & set(COLORS), words & set(SHAPES)
+    if question_kind(question) == "exists":
+        shapes = [s for s in scene.shapes if s.color in colors or s.kind in kinds]
+    else:
+        shapes = [s for s in scene.shapes if (not colors or s.color in colors) and (not kinds or s.kind in kinds)]
+    return Scene(shapes=shapes, size=scene.size) if shapes else None
+
+
 def count_question(rng: random.Random, scene: Scene) -> tuple[str, str]:
     if rng.random() < 0.5:
         return "how many shapes are there?", DIGITS[len(scene.shapes)]

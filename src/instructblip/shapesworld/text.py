@@ -26,6 +26,10 @@ from instructblip.data import templates
 from instructblip.shapesworld import tasks, world
 
 
+# the datasets whose questions may look one object up (tasks.question_focus)
+FOCUSABLE = ("shapesworld_vqa", "shapesworld_ocr_vqa")
+
+
 @dataclass
 class Document:
     context: str
@@ -34,7 +38,7 @@ class Document:
 
 
 def documents(n: int, seed: int, names: list[str] | None = None, unmarked_words: float = 0.0,
-              shuffled_objects: float = 0.0) -> list[Document]:
+              shuffled_objects: float = 0.0, focused_contexts: float = 0.0) -> list[Document]:
     """``n`` documents spread evenly over ``names`` (default: every ShapesWorld dataset), split ``"lm"``.
 
     In a share ``unmarked_words`` of them the scene text names its written word without the ``word`` before it
@@ -46,11 +50,17 @@ def documents(n: int, seed: int, names: list[str] | None = None, unmarked_words:
     and the Q-Former's queries carry no cell order either. Its draws come from a random stream of their own, so
     the documents' instructions and answers are those of ``shuffled_objects=0``.
 
+    In a share ``focused_contexts`` of the documents whose question looks one object up (held-in VQA but counting,
+    OCR) the scene text holds only what the question is about (:func:`tasks.question_focus`): the LLM then answers
+    from a part of a scene as well as from a whole one, which is what an instruction-aware Q-Former can hand it. Its
+    draws come from a stream of their own too.
+
     ``"shapesworld_vqa/<kind>"`` names VQA documents that all ask one sort of question (a kind of
     :data:`tasks.QUESTION_KINDS`): the LLM's pretraining curriculum introduces its lookups one at a time."""
     names = names or list(tasks.TASKS)
     rng = random.Random(f"{seed}/text")
     order_rng = random.Random(f"{seed}/object-order")
+    focus_rng = random.Random(f"{seed}/focus")
     out = []
     for index in range(n):
         name, _, kind = names[index % len(names)].partition("/")
@@ -61,6 +71,10 @@ def documents(n: int, seed: int, names: list[str] | None = None, unmarked_words:
         info = tasks.TASKS[name].info
         instruction, answer = (templates.render_evaluation(record) if info.held_out
                                else templates.render(record, rng))
+        if focused_contexts and name in FOCUSABLE and focus_rng.random() < focused_contexts:
+            focus = tasks.question_focus(world.Scene.from_dict(record.extra["scene"]), record.question)
+            if focus is not None:
+                context = world.compact(focus)
         if unmarked_words and rng.random() < unmarked_words:
             context = context.replace("word ", "")
         if shuffled_objects and order_rng.random() < shuffled_objects:

@@ -1,0 +1,78 @@
+"""``focused_contexts``: a share of the LLM's lookup documents give as scene text only what the question asks about."""
+
+from __future__ import annotations
+
+import pytest
+
+from instructblip.shapesworld import tasks, world
+from instructblip.shapesworld import text as world_text
+from instructblip.shapesworld.world import Scene
+
+
+def _val(name: str, index: int):
+    record, _, _ = tasks.build(name, "val", index, 0)
+    return record, Scene.from_dict(record.extra["scene"])
+
+
+@pytest.mark.parametrize("index", range(60))
+def test_the_focus_of_a_lookup_question_still_answers_it(index):
+    record, scene = _val("shapesworld_vqa", index)
+    kind = tasks.question_kind(record.question)
+    focus = tasks.question_focus(scene, record.question)
+    answer = record.answers[0]
+    if kind == "exists":
+        if focus is None:   # nothing in the scene shares the colour or the kind asked about
+            assert answer == "no"
+            return
+        named = record.question.removeprefix("is there a ").rstrip("?").split()
+        assert all(s.color == named[0] or s.kind == named[1] for s in focus.shapes)
+        assert (answer == "yes") == any((s.color, s.kind) == tuple(named) for s in focus.shapes)
+        return
+    assert focus is not None and len(focus.shapes) == 1 and focus.word is None
+    shape = focus.shapes[0]
+    assert shape in scene.shapes
+    assert answer == {"color": shape.color, "shape": shape.kind, "size": shape.size, "where": shape.where}[kind]
+
+
+def test_an_ocr_question_focuses_on_the_word_alone():
+    for index in range(20):
+        record, scene = _val("shapesworld_ocr_vqa", index)
+        focus = tasks.question_focus(scene, record.question)
+        assert focus.shapes == [] and focus.word == scene.word and focus.word.text == record.answers[0]
+
+
+def test_counting_and_relational_questions_keep_the_whole_scene():
+    for name in ("shapesworld_count", "shapesworld_compositional"):
+        for index in range(20):
+            record, scene = _val(name, index)
+            assert tasks.question_focus(scene, record.question) is None, record.question
+
+
+def test_focused_documents_change_only_the_scene_text_of_lookups():
+    plain = world_text.documents(96, seed=0, unmarked_words=0.5)
+    assert plain == world_text.documents(96, seed=0, unmarked_words=0.5, focused_contexts=0.0)
+    focused = world_text.documents(96, seed=0, unmarked_words=0.5, focused_contexts=1.0)
+    assert focused == world_text.documents(96, seed=0, unmarked_words=0.5, focused_contexts=1.0)
+    names = list(tasks.TASKS)
+    changed = 0
+    for index, (a, b) in enumerate(zip(plain, focused)):
+        assert (a.instruction, a.answer) == (b.instruction, b.answer)
+        if names[index % len(names)] not in world_text.FOCUSABLE:
+            assert a.context == b.context
+            continue
+        # the focused text is the plain one with whole objects left out: each of its sentences is one of plain's
+        assert set(b.context.removesuffix(".").split(". ")) <= set(a.context.removesuffix(".").split(". "))
+        changed += a.context != b.context
+    assert changed >= 8
+    half = world_text.documents(96, seed=0, unmarked_words=0.5, focused_contexts=0.5)
+    assert 0 < sum(a != b for a, b in zip(plain, half)) < changed
+
+
+def test_focus_keeps_the_scene_text_format():
+    scene = Scene(shapes=[world.Shape("circle", "red", "large", (0, 0), (12, 12)),
+                          world.Shape("square", "blue", "small", (1, 1), (36, 36))])
+    focus = tasks.question_focus(scene, "what size is the blue square?")
+    assert world.compact(focus) == "small blue square center."
+    assert tasks.question_focus(scene, "is there a green triangle?") is None
+    assert world.compact(tasks.question_focus(scene, "is there a red square?")) == (
+        "large red circle top left. small blue square center.")
