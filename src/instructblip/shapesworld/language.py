@@ -3,8 +3,8 @@
 The LLM of InstructBLIP arrives pretrained and stays frozen; in the miniature it is pretrained here, on the
 documents of :mod:`instructblip.shapesworld.text` laid out as ``<context> BOS <instruction> <answer> EOS`` (the
 scene text where the visual queries will later stand), plus plain ``<context> BOS <caption> EOS`` documents for the
-BLIP-2 stage-2 layout (queries, BOS, caption). The loss covers the answer (and EOS) only, as in the instruction
-tuning of the LLMs InstructBLIP starts from (see ``CausalLMPretraining``). Output: a Hugging Face directory (``config.json``, safetensors, the tokenizer) that the InstructBLIP
+BLIP-2 stage-2 layout (queries, BOS, caption). The loss covers the answer (and EOS), as in the instruction
+tuning of the LLMs InstructBLIP starts from, and optionally the instruction (see ``CausalLMPretraining``). Output: a Hugging Face directory (``config.json``, safetensors, the tokenizer) that the InstructBLIP
 config's ``llm`` loads.
 """
 
