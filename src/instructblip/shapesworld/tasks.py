@@ -143,8 +143,9 @@ def attribute_question(rng: random.Random, scene: Scene, kind: str | None = None
 
 def question_focus(scene: Scene, question: str) -> Scene | None:
     """The part of ``scene`` a held-in lookup question is about: the shape a colour, shape, size or cell question
-    names, the shapes sharing the colour or the kind an existence question names, the word an OCR question asks for.
-    None for questions that need the whole scene (counting, relations) or name nothing the scene has.
+    names, the word an OCR question asks for. None for questions that need the whole scene: counting, relations,
+    existence (whether the scene has a red square is a question about all of it; a focus that held the square when
+    there is one would give the answer away by its form).
 
     Why: the instruction-aware Q-Former reads the image with the instruction in view and may hand the LLM the object
     asked about alone; the LLM's text pretraining shows it such focused scene text beside whole scenes
@@ -153,12 +154,11 @@ def question_focus(scene: Scene, question: str) -> Scene | None:
         return Scene(shapes=[], word=scene.word, size=scene.size) if scene.word is not None else None
     if not question.startswith(tuple(QUESTION_OPENINGS.values())) or any(rel in question for rel in RELATIONS):
         return None   # not a lookup, or a relational one (compositional_question's) that needs the whole scene
+    if question_kind(question) == "exists":
+        return None
     words = set(question.rstrip("?").split())
     colors, kinds = words & set(COLORS), words & set(SHAPES)
-    if question_kind(question) == "exists":
-        shapes = [s for s in scene.shapes if s.color in colors or s.kind in kinds]
-    else:
-        shapes = [s for s in scene.shapes if (not colors or s.color in colors) and (not kinds or s.kind in kinds)]
+    shapes = [s for s in scene.shapes if (not colors or s.color in colors) and (not kinds or s.kind in kinds)]
     return Scene(shapes=shapes, size=scene.size) if shapes else None
 
 
