@@ -205,7 +205,7 @@ class Demo:
 
         bert_subset(self.out / "bert", self.s.bert_layers)
         assemble(self.out / "base", self.out / "vision", self.out / "llm", self.out / "bert",
-                 num_query_tokens=self.s.num_query_tokens)
+                 num_query_tokens=self.s.num_query_tokens, seed=self.s.seed)
 
     # -- 5.-7., 9. training through instructblip-train's code
     def train_overrides(self, experiment: str, run_dir: Path, steps: int | None, init_from: Path | None) -> list[str]:

@@ -58,6 +58,28 @@ def test_a_second_run_skips_every_stage(demo_dir, capsys):
 
 
 @pytest.mark.slow
+def test_the_starting_checkpoint_does_not_depend_on_what_ran_before_it(demo_dir, tmp_path):
+    """A demo resumed after its pretraining stages (a fresh process) starts from the same weights as one run in a
+    single go: the new parameters are drawn from the seed, not from the process's random state."""
+    import torch
+    from safetensors.torch import load_file
+
+    from instructblip.shapesworld.assemble import assemble
+
+    parts = [demo_dir / "vision", demo_dir / "llm", demo_dir / "bert"]
+    written = []
+    for index, draws in enumerate((0, 1000)):
+        torch.rand(draws)
+        out = assemble(tmp_path / f"base{index}", *parts, num_query_tokens=2, seed=0)
+        written.append(load_file(str(next(out.glob("*.safetensors")))))
+    assert written[0].keys() == written[1].keys()
+    assert all(torch.equal(written[0][key], written[1][key]) for key in written[0])
+    other_seed = load_file(str(next(assemble(tmp_path / "base_seed1", *parts, num_query_tokens=2, seed=1)
+                                    .glob("*.safetensors"))))
+    assert not all(torch.equal(written[0][key], other_seed[key]) for key in written[0])
+
+
+@pytest.mark.slow
 def test_the_final_checkpoint_answers_through_instructblip_generate(demo_dir, tmp_path):
     from instructblip.shapesworld import tasks
 

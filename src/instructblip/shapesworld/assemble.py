@@ -49,8 +49,10 @@ def bert_subset(out: str | Path, layers: int) -> Path:
 
 
 def assemble(out: str | Path, vision_dir: str | Path, llm_dir: str | Path, bert_dir: str | Path,
-             num_query_tokens: int = 8, cross_attention_frequency: int = 1) -> Path:
-    """Write the starting InstructBLIP checkpoint; returns ``out``."""
+             num_query_tokens: int = 8, cross_attention_frequency: int = 1, seed: int = 0) -> Path:
+    """Write the starting InstructBLIP checkpoint; returns ``out``. The parameters no part brings (query tokens,
+    cross-attention, projection) are drawn from ``seed`` alone, not from whatever the process drew before: the demo
+    resumed after its pretraining stages must start from the same weights as the demo run in one go."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
@@ -73,7 +75,9 @@ def assemble(out: str | Path, vision_dir: str | Path, llm_dir: str | Path, bert_
         instruction_aware=True,
         dtype_policy="float32",
     )
-    model = InstructBlip(config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = InstructBlip(config)
     with torch.no_grad():
         trunk = load_file(str(vision_dir / "trunk.safetensors"))
         own = model.vision.trunk.state_dict()
