@@ -4,8 +4,8 @@ The LLM of InstructBLIP arrives pretrained and stays frozen; in the miniature it
 documents of :mod:`instructblip.shapesworld.text` laid out as ``<context> BOS <instruction> <answer> EOS`` (the
 scene text where the visual queries will later stand), plus plain ``<context> BOS <caption> EOS`` documents for the
 BLIP-2 stage-2 layout (queries, BOS, caption). The loss covers the answer (and EOS), as in the instruction
-tuning of the LLMs InstructBLIP starts from, and optionally the instruction (see ``CausalLMPretraining``). Output: a Hugging Face directory (``config.json``, safetensors, the tokenizer) that the InstructBLIP
-config's ``llm`` loads.
+tuning of the LLMs InstructBLIP starts from, and optionally the instruction (see ``CausalLMPretraining``). Output:
+a Hugging Face directory (``config.json``, safetensors, the tokenizer) that the InstructBLIP config's ``llm`` loads.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class LanguageConfig:
     unmarked_words: float = 0.0   # share of documents naming the written word without "word" (text.documents)
     shuffled_objects: float = 0.0  # share of documents listing the scene's objects in a random order (text.documents)
     pooled_contexts: float = 0.0  # share of documents whose scene text stands one object per position (pooled_context)
-    focused_contexts: float = 0.0  # share of lookup documents whose scene text is only what they ask about (text.documents)
+    focused_contexts: float = 0.0  # share of lookup documents whose scene text is what they ask about (text.documents)
     instruction_loss: float = 0.0  # weight of each document's mean loss on its instruction beside its answer's
 
 

@@ -50,10 +50,10 @@ def documents(n: int, seed: int, names: list[str] | None = None, unmarked_words:
     and the Q-Former's queries carry no cell order either. Its draws come from a random stream of their own, so
     the documents' instructions and answers are those of ``shuffled_objects=0``.
 
-    In a share ``focused_contexts`` of the documents whose question looks one object up (held-in VQA but counting,
-    OCR) the scene text holds only what the question is about (:func:`tasks.question_focus`): the LLM then answers
-    from a part of a scene as well as from a whole one, which is what an instruction-aware Q-Former can hand it. Its
-    draws come from a stream of their own too.
+    In a share ``focused_contexts`` of the documents whose question looks one thing up (VQA's colour, shape, size
+    and cell questions; OCR's) the scene text holds only what the question is about (:func:`tasks.question_focus`):
+    the LLM then answers from a part of a scene as well as from a whole one, which is what an instruction-aware
+    Q-Former can hand it. Its draws come from a stream of their own too.
 
     ``"shapesworld_vqa/<kind>"`` names VQA documents that all ask one sort of question (a kind of
     :data:`tasks.QUESTION_KINDS`): the LLM's pretraining curriculum introduces its lookups one at a time."""
