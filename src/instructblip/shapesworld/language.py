@@ -163,13 +163,13 @@ class CausalLMPretraining(L.LightningModule):
             labels[i, answer_start: len(row)] = ids[i, answer_start: len(row)]
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         if self.instruction_loss:
-            # after the last BOS up to the answer (a document cut at max_length may have lost its BOS: no labels)
-            instruction = torch.full_like(labels, -100)
-            for i, (row, answer_start) in enumerate(rows):
-                bos = [j for j in range(answer_start) if ids[i, j] == self.bos_id]
-                if bos:
-                    instruction[i, bos[-1] + 1: answer_start] = ids[i, bos[-1] + 1: answer_start]
-            batch["instruction_labels"] = instruction
+            # after the last BOS before the answer, up to the answer (a document cut at max_length may have lost its
+            # BOS: no labels then)
+            position = torch.arange(width)
+            answer_start = torch.tensor([start for _, start in rows])[:, None]
+            last_bos = torch.where((ids == self.bos_id) & (position < answer_start), position, -1).amax(1, keepdim=True)
+            inside = (position > last_bos) & (position < answer_start) & (last_bos >= 0)
+            batch["instruction_labels"] = torch.where(inside, ids, -100)
         if depth > 1:
             batch.update(input_groups=groups, group_mask=group_mask)
         return batch
