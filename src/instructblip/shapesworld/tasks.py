@@ -98,6 +98,9 @@ def _unique(items, key):
 QUESTION_OPENINGS = {"color": "what color is", "shape": "what shape is", "size": "what size is",
                      "where": "where is", "exists": "is there"}
 QUESTION_KINDS = tuple(QUESTION_OPENINGS)
+# the two OCR questions: the word anywhere, the word at a cell
+OCR_QUESTION = "what word is written in the image?"
+OCR_AT_OPENING = "what is written at the "
 
 
 def question_kind(question: str) -> str:
@@ -150,7 +153,7 @@ def question_focus(scene: Scene, question: str) -> Scene | None:
     Why: the instruction-aware Q-Former reads the image with the instruction in view and may hand the LLM the object
     asked about alone; the LLM's text pretraining shows it such focused scene text beside whole scenes
     (``text.documents``' ``focused_contexts``)."""
-    if question.startswith(("what word is written", "what is written")):
+    if question == OCR_QUESTION or question.startswith(OCR_AT_OPENING):
         return Scene(shapes=[], word=scene.word, size=scene.size) if scene.word is not None else None
     if not question.startswith(tuple(QUESTION_OPENINGS.values())) or any(rel in question for rel in RELATIONS):
         return None   # not a lookup, or a relational one (compositional_question's) that needs the whole scene
@@ -240,9 +243,9 @@ def build_ocr_vqa(rng, split, index):
     scene, image = _scene(rng, word_prob=1.0)
     word = scene.word
     if rng.random() < 0.7:
-        question, answer = "what word is written in the image?", word.text
+        question, answer = OCR_QUESTION, word.text
     else:
-        question, answer = f"what is written at the {word.where}?", word.text
+        question, answer = f"{OCR_AT_OPENING}{word.where}?", word.text
     return (_record("shapesworld_ocr_vqa", split, index, scene, question=question, answers=[answer]), image,
             scene_text(scene))
 
