@@ -7,8 +7,10 @@ reach with that frozen LLM (its queries stand where the scene text stood in the 
 With ``llm=DIR`` (a pretrained LLM, e.g. outputs/demo/llm) it only scores it; otherwise it pretrains one from the
 recipe (``KEY=VALUE`` sets a number of ``LanguageConfig``, e.g. ``steps=1200 lr=3e-3``) into a temporary directory first. Each
 held-in short-answer dataset and the held-out compositional one are scored on their val split with the evaluation
-prompt and greedy decoding, exact match against the first reference; VQA is also split by question kind. Prints
-one JSON line and writes it to ``out``.
+prompt and greedy decoding, exact match against the first reference; VQA is also split by question kind. The
+held-out true/false datasets are scored as the evaluation runner ranks them, on their test split: each candidate's
+log-likelihood after the prompt, accuracy for spatial statements, AUC of log p(yes) - log p(no) for the binary one
+(``rank/...``). Prints one JSON line and writes it to ``out``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = ("shapesworld_vqa", "shapesworld_count", "shapesworld_ocr_vqa", "shapesworld_compositional")
+RANKED = ("shapesworld_spatial", "shapesworld_binary")   # two candidates each: label 0, label 1
 
 
 def score(llm_dir: Path, samples: int) -> dict[str, float]:
@@ -72,7 +75,39 @@ def score(llm_dir: Path, samples: int) -> dict[str, float]:
                 for prefix, hit in scored:
                     hits[prefix + key][0] += hit
                     hits[prefix + key][1] += 1
-    return {key: round(100 * right / total, 1) for key, (right, total) in hits.items()}
+    scores = {key: round(100 * right / total, 1) for key, (right, total) in hits.items()}
+    for name in RANKED:
+        scores["rank/" + name.removeprefix("shapesworld_")] = round(ranked(model, tokenizer, name, samples), 1)
+    return scores
+
+
+def ranked(model, tokenizer, name: str, samples: int) -> float:
+    """Accuracy (spatial) or AUC x100 (binary) of ranking the two candidates by their log-likelihood after the scene
+    text, BOS and the evaluation prompt: the runner's ``rank`` method with the true scene in the queries' place."""
+    from sklearn.metrics import roc_auc_score
+
+    from instructblip.data import templates
+    from instructblip.shapesworld import tasks
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    margins, labels = [], []
+    for index in range(samples):
+        record, _, context = tasks.build(name, "test", index, 0)
+        instruction, _ = templates.render_evaluation(record)
+        prefix = ids(context) + [tokenizer.bos_token_id] + ids(instruction)
+        loglik = []
+        for candidate in record.candidates:
+            tokens = ids(candidate)
+            with torch.no_grad():
+                logprobs = model(torch.tensor([prefix + tokens])).logits[0].log_softmax(-1)
+            loglik.append(sum(logprobs[len(prefix) - 1 + i, t].item() for i, t in enumerate(tokens)))
+        margins.append(loglik[1] - loglik[0])
+        labels.append(record.label)
+    if name == "shapesworld_binary":
+        return 100 * roc_auc_score(labels, margins)
+    return 100 * sum((margin > 0) == bool(label) for margin, label in zip(margins, labels)) / len(labels)
 
 
 def main(argv: list[str]) -> None:

@@ -163,3 +163,40 @@ def test_qformer_probe_trains_the_runs_qformer_on_trunk_and_oracle_features(demo
     bad = subprocess.run([sys.executable, str(REPO / "experiments" / "shapesworld_qformer_probe.py"), str(demo_dir),
                           "features=pixels"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode != 0 and "allowed: trunk, oracle" in bad.stderr
+
+
+def test_llm_ceiling_ranks_the_true_false_tasks_as_the_runner_does(demo_dir):
+    """experiments/shapesworld_llm.py's rank scores on the quick demo's LLM: an LLM made to prefer the second
+    candidate ("true", "yes") everywhere scores the share of label-1 statements and a binary AUC of 50 (all ties),
+    so the candidates are read as [label 0, label 1]; the plain LLM's scores are proportions of the samples."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import shapesworld_llm
+    finally:
+        sys.path.remove(str(REPO / "experiments"))
+    from instructblip.shapesworld import tasks
+
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_dir / "llm"))
+    model = LlamaForCausalLM.from_pretrained(str(demo_dir / "llm")).eval()
+    samples = 12
+    positive = {tokenizer(tasks.SPATIAL_VERBALIZER[1], add_special_tokens=False)["input_ids"][0],
+                tokenizer(tasks.BINARY_VERBALIZER[1], add_special_tokens=False)["input_ids"][0]}
+
+    class PrefersLabelOne:   # the same logits after every prefix: label 1's verbaliser above all others
+        def __call__(self, ids):
+            out = model(ids)
+            out.logits = torch.zeros_like(out.logits)
+            out.logits[..., sorted(positive)] = 5.0
+            return out
+
+    true_share = 100 * sum(tasks.build("shapesworld_spatial", "test", i, 0)[0].label for i in range(samples)) / samples
+    assert shapesworld_llm.ranked(PrefersLabelOne(), tokenizer, "shapesworld_spatial", samples) == true_share
+    assert shapesworld_llm.ranked(PrefersLabelOne(), tokenizer, "shapesworld_binary", samples) == 50.0
+    for name in shapesworld_llm.RANKED:
+        score = shapesworld_llm.ranked(model, tokenizer, name, samples)
+        assert 0.0 <= score <= 100.0
+    spatial = shapesworld_llm.ranked(model, tokenizer, "shapesworld_spatial", samples)
+    assert (spatial * samples / 100) == round(spatial * samples / 100)
