@@ -9,10 +9,12 @@ kind, size, word and cell, the class token zero): what the Q-Former makes of per
 Every ``eval_every`` steps it prints the val accuracy (per question sort for ``shapesworld_vqa``) beside the
 question-only prior (each val question answered with its most frequent train answer: what a model that ignores
 the image scores), and writes all of it to ``experiments/results/shapesworld_qformer_probe-TAG-DATE.json``.
+``whiten=1`` whitens the trunk's features first (the train split's token mean and covariance, every principal
+direction scaled to unit variance): what the Q-Former makes of the same information, well conditioned.
 
     .venv/bin/python experiments/shapesworld_qformer_probe.py outputs/demo [init=stage2] [features=trunk|oracle]
         [dataset=shapesworld_vqa] [steps=400] [lr=1e-3] [batch_size=32] [train=4000] [val=400] [eval_every=100]
-        [dropout=0.1] [seed=0] [tag=NAME]
+        [dropout=0.1] [seed=0] [whiten=0] [tag=NAME]
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class ProbeSettings:
     eval_every: int = 100
     dropout: float = 0.1
     seed: int = 0          # the world's seed (the run's own, for its train/val split) and the batch order
+    whiten: int = 0        # 1: whiten the features with the train split's statistics (see whitened)
     tag: str = ""
     out: str = ""          # the results file; default experiments/results/shapesworld_qformer_probe-TAG-DATE.json
 
@@ -113,6 +116,16 @@ def split(model, settings: ProbeSettings, name: str, n: int) -> dict:
             **model.processor.qformer_batch(questions)}
 
 
+def whitened(train: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both splits' features ((samples, tokens, width)) centred on the train tokens' mean and rotated onto their
+    principal directions, each scaled to unit variance."""
+    flat = train.reshape(-1, train.shape[-1])
+    mean = flat.mean(0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov((flat - mean).T))
+    projection = eigenvectors / eigenvalues.clamp(min=1e-4).sqrt()
+    return tuple(((part - mean) @ projection) for part in (train, val))
+
+
 def question_prior(train: dict, val: dict) -> float:
     """Accuracy of answering each val question with its most frequent train answer (no image)."""
     seen: dict[str, Counter] = defaultdict(Counter)
@@ -142,6 +155,8 @@ def main(args: list[str]) -> None:
     model.vision.requires_grad_(False).eval()
     start = time.process_time()
     train, val = split(model, settings, "train", settings.train), split(model, settings, "val", settings.val)
+    if settings.whiten:
+        train["features"], val["features"] = whitened(train["features"], val["features"])
     answers = sorted(set(train["answers"]) | set(val["answers"]))
     target = {name: torch.tensor([answers.index(a) for a in part["answers"]]) for name, part in (("train", train),
                                                                                                    ("val", val))}

@@ -8,7 +8,9 @@ direction (occupied against empty) leaves the attributes in directions a Q-Forme
 
 It pretrains a trunk from a recipe (``conf/model/shapesworld_vision.yaml``; ``KEY=VALUE`` overrides a number of it,
 ``steps=0`` probes the random initialisation), renders 600 fresh scenes, and fits a logistic regression per
-attribute on the occupied cells of the first 70% of the scenes, scored on the rest.
+attribute on the occupied cells of the first 70% of the scenes, scored on the rest. One more probe reads the cell
+of the one shape of a colour from the *mean* of the 9 cell tokens (per colour, on the scenes with exactly one shape
+of it): what a cross-attention spread evenly over the tokens would hand on, against what one token holds.
 
     .venv/bin/python experiments/shapesworld_vision_probe.py [steps=600] [batch_size=128] ...
 """
@@ -71,6 +73,25 @@ def labels(scene: world.Scene) -> list[tuple[int, int, int, int, int]]:
             for cell, (shape, word) in enumerate(world.cell_contents(scene))]
 
 
+def cell_from_mean_token(tokens: np.ndarray, scenes: list[world.Scene]) -> float:
+    """Mean over colours of a logistic regression's accuracy at the cell of the one shape of that colour, from the
+    mean of a scene's cell tokens ((scenes, 9, width)); first 70% of the scenes that have one such shape, scored on the
+    rest. Chance: about 11%."""
+    mean = tokens.mean(1)
+    scores = []
+    for color in world.COLORS:
+        rows, cells = [], []
+        for index, scene in enumerate(scenes):
+            hits = [shape for shape in scene.shapes if shape.color == color]
+            if len(hits) == 1:
+                rows.append(index)
+                cells.append(hits[0].cell[0] * world.GRID + hits[0].cell[1])
+        cut = int(0.7 * len(rows))
+        probe = LogisticRegression(max_iter=3000).fit(mean[rows[:cut]], cells[:cut])
+        scores.append(probe.score(mean[rows[cut:]], cells[cut:]))
+    return round(100 * float(np.mean(scores)), 1)
+
+
 def variance_spread(x: np.ndarray, top: int = 4) -> dict:
     """The share of the tokens' total variance along each of their ``top`` principal directions, in percent."""
     eigenvalues = np.linalg.eigvalsh(np.cov(x, rowvar=False))[::-1]
@@ -93,7 +114,8 @@ def main(args: list[str]) -> None:
     rng = random.Random("vision-probe")
     scenes = [world.sample_scene(rng, word_prob=0.5) for _ in range(SCENES)]
     # (until Session 7 the probes read the tokens before ln_vision: results/shapesworld_vision_probe-2026-11-26.json)
-    x = cell_tokens(model.visual.trunk.state_dict(), cfg, scenes).reshape(-1, cfg.width).numpy()
+    tokens = cell_tokens(model.visual.trunk.state_dict(), cfg, scenes).numpy()
+    x = tokens.reshape(-1, cfg.width)
     y = np.array([row for scene in scenes for row in labels(scene)])
     cut = int(0.7 * SCENES) * world.GRID ** 2
     scores = {}
@@ -106,6 +128,7 @@ def main(args: list[str]) -> None:
     occupied = y[:, 4] >= 0
     print(json.dumps({"recipe_overrides": args, "pretraining_cpu_s": round(cpu),
                       "probe_accuracy_on_occupied_cells": scores,
+                      "cell_of_a_colour_from_the_mean_token": cell_from_mean_token(tokens, scenes),
                       "variance_all_cells": variance_spread(x), "variance_occupied_cells": variance_spread(x[occupied])}))
 
 

@@ -148,6 +148,15 @@ def test_qformer_probe_trains_the_runs_qformer_on_trunk_and_oracle_features(demo
         assert int((row > 0).sum()) == 4   # colour, kind, size, cell
     assert probe.question_prior({"questions": ["a", "a", "a", "b"], "answers": ["x", "x", "y", "z"]},
                                 {"questions": ["a", "b", "c"], "answers": ["x", "y", "x"]}) == 100 / 3
+    import torch
+
+    torch.manual_seed(0)
+    skewed = torch.randn(40, 10, 6) @ torch.randn(6, 6) + 3.0   # correlated columns, off-centre
+    train_white, val_white = probe.whitened(skewed, skewed[:5])
+    flat = train_white.reshape(-1, 6)
+    assert torch.allclose(flat.mean(0), torch.zeros(6), atol=1e-4)
+    assert torch.allclose(torch.cov(flat.T), torch.eye(6), atol=1e-3)
+    assert torch.allclose(val_white, train_white[:5])   # the val split goes through the train split's map
 
     for features in ("trunk", "oracle"):
         out = tmp_path / f"{features}.json"
