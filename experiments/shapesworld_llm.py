@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections import defaultdict
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -45,8 +46,7 @@ def score(llm_dir: Path, samples: int) -> dict[str, float]:
     model = LlamaForCausalLM.from_pretrained(str(llm_dir)).eval()
     table = model.get_input_embeddings().weight.detach()
 
-    def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = partial(token_ids, tokenizer)
 
     def answers(context: torch.Tensor, prompt: list[int], expected: str) -> bool:
         """Greedy decoding (the project's lean loop: generate's ids) after the context embeddings and the prompt."""
@@ -83,31 +83,38 @@ def score(llm_dir: Path, samples: int) -> dict[str, float]:
 
 def ranked(model, tokenizer, name: str, samples: int) -> float:
     """Accuracy (spatial) or AUC x100 (binary) of ranking the two candidates by their log-likelihood after the scene
-    text, BOS and the evaluation prompt: the runner's ``rank`` method with the true scene in the queries' place."""
+    text, BOS and the evaluation prompt: the runner's ``rank`` method (``LanguageModel.candidate_log_likelihoods``)
+    with the true scene's embeddings in the queries' place."""
     from sklearn.metrics import roc_auc_score
 
     from instructblip.data import templates
+    from instructblip.model.language import LanguageModel
     from instructblip.shapesworld import tasks
 
-    def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
+    llm = LanguageModel({}, hf_model=model)
+    table = model.get_input_embeddings().weight.detach()
     margins, labels = [], []
     for index in range(samples):
         record, _, context = tasks.build(name, "test", index, 0)
         instruction, _ = templates.render_evaluation(record)
-        prefix = ids(context) + [tokenizer.bos_token_id] + ids(instruction)
-        loglik = []
-        for candidate in record.candidates:
-            tokens = ids(candidate)
-            with torch.no_grad():
-                logprobs = model(torch.tensor([prefix + tokens])).logits[0].log_softmax(-1)
-            loglik.append(sum(logprobs[len(prefix) - 1 + i, t].item() for i, t in enumerate(tokens)))
+        candidates = [token_ids(tokenizer, candidate) for candidate in record.candidates]
+        width = max(len(c) for c in candidates)
+        candidate_ids = torch.tensor([c + [tokenizer.pad_token_id] * (width - len(c)) for c in candidates])
+        candidate_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in candidates])
+        prompt = torch.tensor([[tokenizer.bos_token_id] + token_ids(tokenizer, instruction)] * len(candidates))
+        scene = table[token_ids(tokenizer, context)].expand(len(candidates), -1, -1)
+        with torch.no_grad():
+            loglik = llm.candidate_log_likelihoods(scene, prompt, torch.ones_like(prompt), candidate_ids,
+                                                   candidate_mask).tolist()
         margins.append(loglik[1] - loglik[0])
         labels.append(record.label)
     if name == "shapesworld_binary":
         return 100 * roc_auc_score(labels, margins)
     return 100 * sum((margin > 0) == bool(label) for margin, label in zip(margins, labels)) / len(labels)
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def main(argv: list[str]) -> None:

@@ -194,9 +194,14 @@ def test_llm_ceiling_ranks_the_true_false_tasks_as_the_runner_does(demo_dir):
     positive = {tokenizer(tasks.SPATIAL_VERBALIZER[1], add_special_tokens=False)["input_ids"][0],
                 tokenizer(tasks.BINARY_VERBALIZER[1], add_special_tokens=False)["input_ids"][0]}
 
-    class PrefersLabelOne:   # the same logits after every prefix: label 1's verbaliser above all others
-        def __call__(self, ids):
-            out = model(ids)
+    class PrefersLabelOne(torch.nn.Module):   # the same logits after every prefix: label 1's verbaliser above all
+        config = model.config
+
+        def get_input_embeddings(self):
+            return model.get_input_embeddings()
+
+        def forward(self, **inputs):
+            out = model(**inputs)
             out.logits = torch.zeros_like(out.logits)
             out.logits[..., sorted(positive)] = 5.0
             return out
