@@ -156,7 +156,7 @@ def read_out_decorrelation(tokens: torch.Tensor) -> torch.Tensor:
 
 class ContrastivePretraining(L.LightningModule):
     """open_clip's contrastive loss; with ``cfg.decorrelation`` > 0, plus :func:`read_out_decorrelation` of the tokens
-    after block ``layers - 1``, the ones InstructBLIP reads (the last block only feeds CLIP's pooled token)."""
+    InstructBLIP reads (after the blocks :func:`vision_config` keeps; the last block only feeds CLIP's pooled token)."""
 
     def __init__(self, model, tokenizer, cfg: VisionPretrainConfig):
         super().__init__()
@@ -166,8 +166,8 @@ class ContrastivePretraining(L.LightningModule):
         self.loss_fn = open_clip.ClipLoss()
         self.losses: list[float] = []
         self._read_out: torch.Tensor | None = None
-        if cfg.decorrelation:
-            block = model.visual.trunk.blocks[cfg.layers - 2]
+        if cfg.decorrelation:   # the last block InstructBLIP's encoder keeps (vision_config's layers)
+            block = model.visual.trunk.blocks[vision_config(cfg)["layers"] - 1]
             block.register_forward_hook(lambda module, inputs, output: setattr(self, "_read_out", output))
 
     def training_step(self, batch, batch_idx):
