@@ -11,10 +11,12 @@ question-only prior (each val question answered with its most frequent train ans
 the image scores), and writes all of it to ``experiments/results/shapesworld_qformer_probe-TAG-DATE.json``.
 ``whiten=1`` whitens the trunk's features first (the train split's token mean and covariance, every principal
 direction scaled to unit variance): what the Q-Former makes of the same information, well conditioned.
+``cross_attention_init_std`` (with ``init=base``) redraws the fresh cross-attention's query and key weights at that
+std, as stage 1's ``stage.module.cross_attention_init_std`` does.
 
     .venv/bin/python experiments/shapesworld_qformer_probe.py outputs/demo [init=stage2] [features=trunk|oracle]
         [dataset=shapesworld_vqa] [steps=400] [lr=1e-3] [batch_size=32] [train=4000] [val=400] [eval_every=100]
-        [dropout=0.1] [seed=0] [whiten=0] [tag=NAME]
+        [dropout=0.1] [seed=0] [whiten=0] [cross_attention_init_std=0.16] [tag=NAME]
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class ProbeSettings:
     dropout: float = 0.1
     seed: int = 0          # the world's seed (the run's own, for its train/val split) and the batch order
     whiten: int = 0        # 1: whiten the features with the train split's statistics (see whitened)
+    cross_attention_init_std: float = 0.0   # init=base: redraw the cross-attention's query/key weights at this std
+    cross_attention_value_init_std: float = 0.0   # init=base: ... its value/output weights
     tag: str = ""
     out: str = ""          # the results file; default experiments/results/shapesworld_qformer_probe-TAG-DATE.json
 
@@ -145,6 +149,17 @@ def main(args: list[str]) -> None:
     model = InstructBlip.from_pretrained(str(run / "base"))
     if settings.init != "base":
         load_trainable_weights(model, run / settings.init / "trainable.safetensors")
+    else:
+        # what stage 1 does with stage.module.cross_attention_(value_)init_std (the base checkpoint keeps BERT's 0.02)
+        generator = torch.Generator().manual_seed(settings.seed)
+        for layer in model.qformer.layers:
+            if layer.cross_attention is None:
+                continue
+            for names, std in ((("query", "key"), settings.cross_attention_init_std),
+                               (("value", "out_proj"), settings.cross_attention_value_init_std)):
+                for name in names if std else ():
+                    with torch.no_grad():
+                        getattr(layer.cross_attention, name).weight.normal_(0.0, std, generator=generator)
     for module in model.qformer.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = settings.dropout

@@ -174,3 +174,23 @@ def test_without_instruction_has_no_text_branch_and_trains():
     assert all(p.grad is None for p in model.vision.trunk.parameters())
     assert all(p.grad is None for p in model.llm.parameters())
     assert not model.vision.trunk.training  # the frozen encoder stays in eval mode
+
+
+def test_cross_attention_init_stds_draw_only_the_fresh_cross_attention():
+    torch.manual_seed(0)
+    wide = QFormer(QFormerConfig(**{**SMALL.__dict__, "hidden_size": 64, "encoder_hidden_size": 64,
+                                    "cross_attention_init_std": 0.5, "cross_attention_value_init_std": 0.1}))
+    torch.manual_seed(0)
+    plain = QFormer(QFormerConfig(**{**SMALL.__dict__, "hidden_size": 64, "encoder_hidden_size": 64}))
+    for wide_layer, plain_layer in zip(wide.layers, plain.layers):
+        if wide_layer.cross_attention is None:
+            continue
+        for name in ("query", "key"):
+            assert getattr(wide_layer.cross_attention, name).weight.std().item() == pytest.approx(0.5, rel=0.1)
+            assert getattr(plain_layer.cross_attention, name).weight.std().item() == pytest.approx(0.02, rel=0.1)
+        for name in ("value", "out_proj"):
+            assert getattr(wide_layer.cross_attention, name).weight.std().item() == pytest.approx(0.1, rel=0.1)
+            assert getattr(plain_layer.cross_attention, name).weight.std().item() == pytest.approx(0.02, rel=0.1)
+        # everything else keeps initializer_range
+        assert wide_layer.self_attention.query.weight.std().item() == pytest.approx(0.02, rel=0.1)
+        assert wide_layer.query_ffn.fc_in.weight.std().item() == pytest.approx(0.02, rel=0.1)

@@ -49,6 +49,30 @@ def test_every_stage_writes_its_output_and_the_report(demo_dir):
 
 
 @pytest.mark.slow
+def test_stage1_draws_the_fresh_cross_attention_at_the_configured_std(demo_dir, tmp_path):
+    """stage.module.cross_attention_init_std / cross_attention_value_init_std reach the stage-1 Q-Former's fresh
+    cross-attention through Hydra; left null, it is drawn at BERT's 0.02 like every other new weight."""
+    from instructblip.demo import Demo, DemoSettings, compose_train
+    from instructblip.train.run import build
+
+    demo = Demo(DemoSettings(out=str(demo_dir), quick=True, progress=False))
+
+    def cross_attention_stds(*overrides):
+        cfg = compose_train(demo.train_overrides("shapesworld_stage1", tmp_path, 1, None) + list(overrides), tmp_path)
+        model = build(cfg)[0].model_factory()   # what the module builds in configure_model
+        layer = next(layer for layer in model.qformer.layers if layer.cross_attention is not None)
+        return {name: getattr(layer.cross_attention, name).weight.std().item()
+                for name in ("query", "key", "value", "out_proj")}
+
+    plain = cross_attention_stds()
+    assert all(std == pytest.approx(0.02, rel=0.1) for std in plain.values()), plain
+    drawn = cross_attention_stds("stage.module.cross_attention_init_std=0.16",
+                                 "stage.module.cross_attention_value_init_std=0.05")
+    assert drawn["query"] == pytest.approx(0.16, rel=0.1) and drawn["key"] == pytest.approx(0.16, rel=0.1), drawn
+    assert drawn["value"] == pytest.approx(0.05, rel=0.1) and drawn["out_proj"] == pytest.approx(0.05, rel=0.1), drawn
+
+
+@pytest.mark.slow
 def test_a_second_run_skips_every_stage(demo_dir, capsys):
     capsys.readouterr()
     _run_demo(demo_dir)

@@ -58,6 +58,12 @@ class QFormerConfig:
     attention_dropout: float = 0.1
     instruction_aware: bool = True  # False: no word/position embeddings and no text FFN (queries only)
     initializer_range: float = 0.02
+    # std of the fresh cross-attention's query and key weights, and of its value and output weights (None:
+    # initializer_range, as BLIP-2). Attention logits start as the product of two such draws, so at 0.02 every query
+    # reads an even mix of the image tokens until a long plateau ends; stage 1 sets them
+    # (stage.module.cross_attention_init_std) and they are not kept in checkpoints: they matter only at the draw
+    cross_attention_init_std: float | None = None
+    cross_attention_value_init_std: float | None = None
 
     def has_cross_attention(self, layer_idx: int) -> bool:
         return layer_idx % self.cross_attention_frequency == 0
@@ -231,6 +237,14 @@ class QFormer(nn.Module):
         self.layers = nn.ModuleList(QFormerLayer(config, idx) for idx in range(config.num_layers))
         self.activation_checkpointing = False
         self.apply(self._init_weights)
+        for layer in self.layers:
+            if layer.cross_attention is None:
+                continue
+            for names, std in ((("query", "key"), config.cross_attention_init_std),
+                               (("value", "out_proj"), config.cross_attention_value_init_std)):
+                if std is not None:
+                    for name in names:
+                        nn.init.normal_(getattr(layer.cross_attention, name).weight, std=std)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range

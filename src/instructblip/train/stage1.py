@@ -139,14 +139,17 @@ class Blip2Stage1Module(InstructBlipModule):
     """Stage 1 in the same LightningModule machinery (freezing, optimiser, non-finite guard, checkpoints)."""
 
     def __init__(self, model: Callable, optimizer: Callable, scheduler: Callable | None, bert: str | None = None,
-                 embed_dim: int = 256, max_text_length: int = 32, **kwargs):
+                 embed_dim: int = 256, max_text_length: int = 32, cross_attention_init_std: float | None = None,
+                 cross_attention_value_init_std: float | None = None, **kwargs):
         kwargs.setdefault("trainable", ["query_tokens", "qformer", "vision.ln_vision", *STAGE1_HEADS])
-        super().__init__(model=self._factory(model, bert, embed_dim), optimizer=optimizer, scheduler=scheduler,
-                         **kwargs)
+        model = self._factory(model, bert, embed_dim, cross_attention_init_std, cross_attention_value_init_std)
+        super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, **kwargs)
         self.max_text_length = max_text_length
 
     @staticmethod
-    def _factory(model_factory: Callable, bert: str | None, embed_dim: int) -> Callable[[], nn.Module]:
+    def _factory(model_factory: Callable, bert: str | None, embed_dim: int,
+                 cross_attention_init_std: float | None,
+                 cross_attention_value_init_std: float | None) -> Callable[[], nn.Module]:
         def build() -> nn.Module:
             from instructblip.model.qformer import QFormerConfig, load_bert_weights
 
@@ -158,6 +161,8 @@ class Blip2Stage1Module(InstructBlipModule):
                 cross_attention_frequency=base.config.qformer.cross_attention_frequency,
                 encoder_hidden_size=base.vision.width,
                 instruction_aware=True,  # stage 1 needs the text branch (ITC/ITM/ITG)
+                cross_attention_init_std=cross_attention_init_std,
+                cross_attention_value_init_std=cross_attention_value_init_std,
             )
             processor = base.processor
             bos = processor.qformer_tokenizer.bos_token_id if processor is not None else qformer_config.vocab_size - 1
