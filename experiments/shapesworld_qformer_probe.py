@@ -11,12 +11,13 @@ question-only prior (each val question answered with its most frequent train ans
 the image scores), and writes all of it to ``experiments/results/shapesworld_qformer_probe-TAG-DATE.json``.
 ``whiten=1`` whitens the trunk's features first (the train split's token mean and covariance, every principal
 direction scaled to unit variance): what the Q-Former makes of the same information, well conditioned.
-``cross_attention_init_std`` (with ``init=base``) redraws the fresh cross-attention's query and key weights at that
-std, as stage 1's ``stage.module.cross_attention_init_std`` does.
+``cross_attention_init_std`` / ``cross_attention_value_init_std`` (with ``init=base``) redraw the fresh
+cross-attention's query and key / value and output weights at that std, as stage 1's options of the same names do.
 
     .venv/bin/python experiments/shapesworld_qformer_probe.py outputs/demo [init=stage2] [features=trunk|oracle]
         [dataset=shapesworld_vqa] [steps=400] [lr=1e-3] [batch_size=32] [train=4000] [val=400] [eval_every=100]
-        [dropout=0.1] [seed=0] [whiten=0] [cross_attention_init_std=0.16] [tag=NAME]
+        [dropout=0.1] [seed=0] [whiten=0] [cross_attention_init_std=0.16] [cross_attention_value_init_std=0.05]
+        [tag=NAME]
 """
 
 from __future__ import annotations

@@ -60,8 +60,8 @@ class QFormerConfig:
     initializer_range: float = 0.02
     # std of the fresh cross-attention's query and key weights, and of its value and output weights (None:
     # initializer_range, as BLIP-2). Attention logits start as the product of two such draws, so at 0.02 every query
-    # reads an even mix of the image tokens until a long plateau ends; stage 1 sets them
-    # (stage.module.cross_attention_init_std) and they are not kept in checkpoints: they matter only at the draw
+    # reads an even mix of the image tokens until a long plateau ends. Stage 1 sets them
+    # (stage.module.cross_attention_init_std); they matter only when the weights are drawn, not for loaded ones
     cross_attention_init_std: float | None = None
     cross_attention_value_init_std: float | None = None
 
