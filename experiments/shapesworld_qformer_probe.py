@@ -152,15 +152,8 @@ def main(args: list[str]) -> None:
         load_trainable_weights(model, run / settings.init / "trainable.safetensors")
     else:
         # what stage 1 does with stage.module.cross_attention_(value_)init_std (the base checkpoint keeps BERT's 0.02)
-        generator = torch.Generator().manual_seed(settings.seed)
-        for layer in model.qformer.layers:
-            if layer.cross_attention is None:
-                continue
-            for names, std in ((("query", "key"), settings.cross_attention_init_std),
-                               (("value", "out_proj"), settings.cross_attention_value_init_std)):
-                for name in names if std else ():
-                    with torch.no_grad():
-                        getattr(layer.cross_attention, name).weight.normal_(0.0, std, generator=generator)
+        model.qformer.draw_cross_attention(settings.cross_attention_init_std, settings.cross_attention_value_init_std,
+                                           generator=torch.Generator().manual_seed(settings.seed))
     for module in model.qformer.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = settings.dropout

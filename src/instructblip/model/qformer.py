@@ -237,14 +237,18 @@ class QFormer(nn.Module):
         self.layers = nn.ModuleList(QFormerLayer(config, idx) for idx in range(config.num_layers))
         self.activation_checkpointing = False
         self.apply(self._init_weights)
+        self.draw_cross_attention(config.cross_attention_init_std, config.cross_attention_value_init_std)
+
+    def draw_cross_attention(self, query_key_std: float | None, value_output_std: float | None,
+                             generator: torch.Generator | None = None) -> None:
+        """Redraw the cross-attention's query and key weights, and its value and output weights, at these stds
+        (None or 0 leaves that pair as it is). See ``QFormerConfig.cross_attention_init_std``."""
         for layer in self.layers:
             if layer.cross_attention is None:
                 continue
-            for names, std in ((("query", "key"), config.cross_attention_init_std),
-                               (("value", "out_proj"), config.cross_attention_value_init_std)):
-                if std is not None:
-                    for name in names:
-                        nn.init.normal_(getattr(layer.cross_attention, name).weight, std=std)
+            for names, std in ((("query", "key"), query_key_std), (("value", "out_proj"), value_output_std)):
+                for name in names if std else ():
+                    nn.init.normal_(getattr(layer.cross_attention, name).weight, std=std, generator=generator)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
