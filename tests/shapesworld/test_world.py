@@ -139,3 +139,26 @@ def test_cell_contents_lists_each_cells_shape_and_word_row_by_row():
         assert word == (scene.word if scene.word.cell == cell else None)
     assert sum(shape is not None for shape, _ in contents) == len(scene.shapes)
     assert sum(word is not None for _, word in contents) == 1
+
+
+def test_every_caption_names_each_shape_with_its_cell():
+    for index in range(20):
+        record, _, _ = tasks.build("shapesworld_caption", "train", index, seed=0)
+        scene = Scene.from_dict(record.extra["scene"])
+        assert len(record.answers) == 3
+        for caption in record.answers:
+            for shape in scene.shapes:
+                assert f"a {shape.name} at the {shape.where}" in caption
+            assert caption.count(" at the ") == len(scene.shapes)
+
+
+def test_held_in_short_answers_are_evaluated_with_a_prompt_that_ends_where_the_answer_starts():
+    from instructblip.data import templates
+
+    for name in ("shapesworld_vqa", "shapesworld_count", "shapesworld_ocr_vqa"):
+        record, _, _ = tasks.build(name, "val", 0, seed=0)
+        prompt, answer = templates.render_evaluation(record)
+        assert prompt == f"Question: {record.question} Short answer:"
+        assert answer == record.answers[0]
+    record, _, _ = tasks.build("shapesworld_caption", "val", 0, seed=0)
+    assert templates.render_evaluation(record)[0] == templates.TEMPLATES[templates.template_family(record)][0]

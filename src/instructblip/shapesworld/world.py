@@ -261,13 +261,19 @@ def compact(scene: Scene) -> str:
 
 
 def caption(scene: Scene, rng: random.Random | None = None) -> str:
-    """A short caption; with ``rng`` the shapes are listed in a random order (several references per image)."""
+    """A short caption naming each shape and where it is; with ``rng`` the shapes are listed in a random order
+    (several references per image).
+
+    The cell is in every caption because BLIP-2's two pretraining stages learn from captions alone: from captions
+    that never said where a shape is, the Q-Former handed on a bag of attributes and the instruction-tuned model
+    answered 9 of 50 cell questions; with the cells in stages 1 and 2 (same LLM), 28 of 50 (experiments/README.md,
+    "Session 12")."""
     shapes = list(scene.shapes)
     if rng is None:
         shapes.sort(key=lambda s: s.cell)
     else:
         rng.shuffle(shapes)
-    names = [f"a {s.name}" for s in shapes]
+    names = [f"a {s.name} at the {s.where}" for s in shapes]
     text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     if scene.word is not None:
         text += f" with the word {scene.word.text}"
