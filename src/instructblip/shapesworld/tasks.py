@@ -414,12 +414,13 @@ def build(name: str, split: str, index: int, seed: int):
     return task.build(rng, split, index)
 
 
-# The fixed evaluation prompt of each dataset: the prompt of the real dataset it stands in for, so the evaluation
-# goes through the same template code. The held-in short-answer datasets take GQA's (LAVIS's "Question: ... Short
-# answer:"), not their family's first template, the bare question: the frozen LLM's text pretraining also predicts
-# instructions, and after a bare question it went on with another template's tail ("a short answer to the question
-# is cup": 31 of 200 OCR answers of one run, experiments/README.md, "Session 12"). Caption, question generation and
-# description keep their family's first template.
+# The fixed evaluation prompt of each dataset, a real dataset's prompt so that the evaluation goes through the same
+# template code: each held-out dataset takes the prompt of the one it stands in for. The held-in short-answer datasets
+# take GQA's (LAVIS's "Question: ... Short answer:", one of their training templates), not their family's first
+# template, the bare question: the frozen LLM's text pretraining also predicts instructions, and after a bare
+# question it went on with another template's tail ("a short answer to the question is cup": 31 of 200 OCR answers
+# of one run, experiments/README.md, "Session 12"). Caption, question generation and description keep their
+# family's first template.
 EVALUATION_PROMPT_OF = {
     "shapesworld_vqa": "gqa",
     "shapesworld_count": "gqa",
