@@ -69,6 +69,11 @@ class Shape:
     def where(self) -> str:
         return CELL_NAMES[self.cell]
 
+    @property
+    def placed(self) -> str:
+        """'a large red circle at the top left': how the description and the captions name a shape."""
+        return f"a {self.name} at the {self.where}"
+
 
 @dataclass
 class Word:
@@ -244,7 +249,7 @@ def describe(scene: Scene) -> str:
     ordered = sorted(scene.shapes, key=lambda s: s.cell)
     count = len(scene.shapes)
     text = f"{NUMBER_WORDS[count]} shape{'s' if count > 1 else ''}: " + ", ".join(
-        f"a {s.name} at the {s.where}" for s in ordered) + "."
+        s.placed for s in ordered) + "."
     if scene.word is not None:
         text += f" the word {scene.word.text} at the {scene.word.where}."
     return text
@@ -273,7 +278,7 @@ def caption(scene: Scene, rng: random.Random | None = None) -> str:
         shapes.sort(key=lambda s: s.cell)
     else:
         rng.shuffle(shapes)
-    names = [f"a {s.name} at the {s.where}" for s in shapes]
+    names = [s.placed for s in shapes]
     text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     if scene.word is not None:
         text += f" with the word {scene.word.text}"
