@@ -55,8 +55,8 @@ class ProbeSettings:
     dropout: float = 0.1
     seed: int = 0          # the world's seed (the run's own, for its train/val split) and the batch order
     whiten: int = 0        # 1: whiten the features with the train split's statistics (see whitened)
-    cross_attention_init_std: float = 0.0   # init=base: redraw the cross-attention's query/key weights at this std
-    cross_attention_value_init_std: float = 0.0   # init=base: ... its value/output weights
+    cross_attention_init_std: float | None = None   # init=base: redraw the cross-attention's query/key weights at this std
+    cross_attention_value_init_std: float | None = None   # init=base: ... its value/output weights (None: as drawn)
     tag: str = ""
     out: str = ""          # the results file; default experiments/results/shapesworld_qformer_probe-TAG-DATE.json
 
@@ -70,7 +70,7 @@ class ProbeSettings:
             key, _, value = arg.partition("=")
             if key not in known or key == "run":
                 raise SystemExit(f"unknown setting {key!r}; known: {', '.join(k for k in known if k != 'run')}")
-            values[key] = {"int": int, "float": float}.get(known[key], str)(value)
+            values[key] = {"int": int, "float": float, "float | None": float}.get(known[key], str)(value)
         settings = cls(**values)
         for key, allowed in (("init", INITS), ("features", FEATURES)):
             if getattr(settings, key) not in allowed:

@@ -194,3 +194,12 @@ def test_cross_attention_init_stds_draw_only_the_fresh_cross_attention():
         # everything else keeps initializer_range
         assert wide_layer.self_attention.query.weight.std().item() == pytest.approx(0.02, rel=0.1)
         assert wide_layer.query_ffn.fc_in.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_redrawing_one_pair_leaves_the_other_as_it_was():
+    torch.manual_seed(0)
+    qformer = QFormer(QFormerConfig(**{**SMALL.__dict__, "hidden_size": 64, "encoder_hidden_size": 64}))
+    before = {k: v.clone() for k, v in qformer.state_dict().items()}
+    qformer.draw_cross_attention(None, 0.3)
+    changed = {k for k, v in qformer.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".cross_attention.value." in k or ".cross_attention.out_proj." in k for k in changed)

@@ -242,12 +242,12 @@ class QFormer(nn.Module):
     def draw_cross_attention(self, query_key_std: float | None, value_output_std: float | None,
                              generator: torch.Generator | None = None) -> None:
         """Redraw the cross-attention's query and key weights, and its value and output weights, at these stds
-        (None or 0 leaves that pair as it is). See ``QFormerConfig.cross_attention_init_std``."""
+        (None leaves that pair as it is). See ``QFormerConfig.cross_attention_init_std``."""
         for layer in self.layers:
             if layer.cross_attention is None:
                 continue
             for names, std in ((("query", "key"), query_key_std), (("value", "out_proj"), value_output_std)):
-                for name in names if std else ():
+                for name in names if std is not None else ():
                     nn.init.normal_(getattr(layer.cross_attention, name).weight, std=std, generator=generator)
 
     def _init_weights(self, module: nn.Module) -> None:
