@@ -8,7 +8,8 @@ config (no download), whose image tower is timm's ``Eva`` at the geometry below,
 colours, kinds, sizes, positions and the written word.
 
 Output: ``trunk.safetensors`` (the Eva trunk's state dict, keys as ``VisionEncoder.trunk`` names them),
-``vision_config.json`` (the geometry, as ``instructblip.model.vision.VisionConfig`` fields) and ``losses.json``.
+``vision_config.json`` (the geometry, as ``instructblip.model.vision.VisionConfig`` fields) and ``losses.json``
+(the contrastive loss per step, which the demo report plots; the decorrelation penalty is only logged).
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ class ContrastivePretraining(L.LightningModule):
         self.losses.append(float(loss.detach()))
         self.log("loss", loss, prog_bar=True)
         if self.cfg.decorrelation:
-            penalty = read_out_decorrelation(self._read_out)
+            read_out, self._read_out = self._read_out, None   # not held (with its graph) until the next step
+            penalty = read_out_decorrelation(read_out)
             self.log("decorrelation", penalty, prog_bar=True)
             loss = loss + self.cfg.decorrelation * penalty
         return loss
