@@ -49,7 +49,8 @@ def test_the_decorrelation_weight_adds_the_read_out_tokens_penalty_to_the_contra
         model, tokenizer = vision.build_clip(cfg)
         module = vision.ContrastivePretraining(model, tokenizer, cfg)
         seen = []
-        model.visual.trunk.blocks[cfg.layers - 2].register_forward_hook(lambda m, i, output: seen.append(output))
+        read_out_block = model.visual.trunk.blocks[vision.vision_config(cfg)["layers"] - 1]
+        read_out_block.register_forward_hook(lambda module, inputs, output: seen.append(output))
         pairs = iter(vision._Pairs(0, vision.image_transform(cfg)))
         images, texts = zip(*[next(pairs) for _ in range(8)])
         module.log = lambda *args, **kwargs: None   # no trainer attached
