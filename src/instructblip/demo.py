@@ -62,9 +62,9 @@ class DemoSettings:
     stage2_steps: int | None = None
     instruct_steps: int | None = None
     bert_layers: int = 2           # MiniLM layers the Q-Former starts from
-    # the released InstructBLIP's 32. Seed 0, one thread throughout: held-in accuracy average 85.5 with 8, 87.5 with
-    # 16, 89.7 with 32 (89.5 with the threads below); seed 1: 84.2 with 8, 86.3 with 16, 87.5 with 32 (the threads
-    # below) (experiments/README.md, "Session 13")
+    # the released InstructBLIP's 32. Seed 0, one thread throughout, 800 instruction-tuning steps: held-in accuracy
+    # average 85.5 with 8, 87.5 with 16, 89.7 with 32 (89.5 with the threads below); seed 1: 84.2 with 8, 86.3 with
+    # 16, 87.5 with 32 (the threads below) (experiments/README.md, "Session 13")
     num_query_tokens: int = 32
     eval_batch_size: int = 16
     # torch's intra-op threads in BLIP-2's stages, instruction tuning and the evaluations: both cores of the 2-core
