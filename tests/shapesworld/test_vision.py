@@ -49,8 +49,7 @@ def test_the_decorrelation_weight_adds_the_read_out_tokens_penalty_to_the_contra
         model, tokenizer = vision.build_clip(cfg)
         module = vision.ContrastivePretraining(model, tokenizer, cfg)
         seen = []
-        read_out_block = model.visual.trunk.blocks[vision.vision_config(cfg)["layers"] - 1]
-        read_out_block.register_forward_hook(lambda module, inputs, output: seen.append(output))
+        vision.read_out_block(model, cfg).register_forward_hook(lambda module, inputs, output: seen.append(output))
         pairs = iter(vision._Pairs(0, vision.image_transform(cfg)))
         images, texts = zip(*[next(pairs) for _ in range(8)])
         module.log = lambda *args, **kwargs: None   # no trainer attached

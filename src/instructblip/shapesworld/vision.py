@@ -155,6 +155,12 @@ def read_out_decorrelation(tokens: torch.Tensor) -> torch.Tensor:
     return torch.relu(1 - std).mean() + off_diagonal.pow(2).sum() / correlation.shape[0]
 
 
+def read_out_block(model, cfg: VisionPretrainConfig):
+    """The open_clip model's trunk block whose output InstructBLIP's encoder reads: the last that
+    :func:`vision_config` keeps."""
+    return model.visual.trunk.blocks[vision_config(cfg)["layers"] - 1]
+
+
 class ContrastivePretraining(L.LightningModule):
     """open_clip's contrastive loss; with ``cfg.decorrelation`` > 0, plus :func:`read_out_decorrelation` of the tokens
     InstructBLIP reads (after the blocks :func:`vision_config` keeps; the last block only feeds CLIP's pooled token)."""
@@ -167,9 +173,9 @@ class ContrastivePretraining(L.LightningModule):
         self.loss_fn = open_clip.ClipLoss()
         self.losses: list[float] = []
         self._read_out: torch.Tensor | None = None
-        if cfg.decorrelation:   # the last block InstructBLIP's encoder keeps (vision_config's layers)
-            block = model.visual.trunk.blocks[vision_config(cfg)["layers"] - 1]
-            block.register_forward_hook(lambda module, inputs, output: setattr(self, "_read_out", output))
+        if cfg.decorrelation:
+            read_out_block(model, cfg).register_forward_hook(
+                lambda module, inputs, output: setattr(self, "_read_out", output))
 
     def training_step(self, batch, batch_idx):
         images, texts = batch
