@@ -17,7 +17,11 @@ ln_vision); vision and LLM frozen. Sides:
   one compiled function, and a block's replay overwrote the output the next block still read.
 * ``ours_compiled_whole``: ours' training path under one ``torch.compile`` of the whole model, as
   ``transformers_compiled`` compiles theirs (what ``stage.module.compile_scope=whole`` does in training).
-
+* ``ours_graphed`` (CUDA): ours' whole step (forward, backward, fused AdamW with ``capturable=True``) captured once
+  as a CUDA graph and replayed (``instructblip.train.cuda_graph``); ``ours_compiled_graphed``: the same over the
+  blocks compiled in place (so, like ``ours_compiled``, without the eager sides of ours). Captured at the first
+  call after 3 warm-up steps; each call copies the batch into the graph's buffers. A replay allocates nothing, so
+  their ``peak_gib`` is the peak of the warm-up steps and the capture (``peak_of``).
 * ``ours_packed``: ours' training path with ``pack_sequences`` (decoder-only): the samples packed without padding
   before the LLM. It pays off on batches of mixed lengths: ``--mixed-lengths`` gives each row the instruction and
   answer lengths of a draw from the instruction-tuning mixture (``padding.py``'s length model), right-padded to
@@ -36,6 +40,8 @@ the FLOPs per sample (torch's FlopCounterMode) and the utilisation.
         --sides ours,transformers --peak-tflops 790
     python experiments/bench/train_throughput.py --size released --llm llama --device cuda --batch-sizes 8,16 \
         --sides ours_compiled,transformers_compiled,transformers
+    python experiments/bench/train_throughput.py --size released --llm llama --device cuda --batch-sizes 8,16 \
+        --sides ours_compiled_graphed,ours_compiled,transformers_compiled,transformers
     python experiments/bench/train_throughput.py --size cpu --llm llama --batch-sizes 8,16 --mixed-lengths 4 \
         --sides ours,ours_packed,transformers
 """
@@ -60,12 +66,17 @@ from padding import draw_text_lengths  # noqa: E402
 from instructblip.model.packing import row_layout  # noqa: E402
 
 
-SIDES = ("ours", "ours_full_logits", "ours_compiled", "ours_compiled_whole", "ours_packed", "transformers",
-         "transformers_compiled")
+SIDES = ("ours", "ours_full_logits", "ours_compiled", "ours_compiled_whole", "ours_packed", "ours_graphed",
+         "ours_compiled_graphed", "transformers", "transformers_compiled")
+# sides that compile ours' blocks in place
+IN_PLACE = {"ours_compiled", "ours_compiled_graphed"}
 # (numerator, denominator) of the reported speed ratios, where both sides ran
 RATIOS = (("ours", "transformers"), ("ours", "transformers_compiled"), ("ours_compiled", "transformers"),
           ("ours_compiled", "transformers_compiled"), ("ours_compiled_whole", "transformers_compiled"),
-          ("ours_compiled_whole", "transformers"), ("ours_packed", "transformers"), ("ours_packed", "ours"))
+          ("ours_compiled_whole", "transformers"), ("ours_packed", "transformers"), ("ours_packed", "ours"),
+          ("ours_graphed", "transformers"), ("ours_graphed", "transformers_compiled"), ("ours_graphed", "ours"),
+          ("ours_compiled_graphed", "transformers"), ("ours_compiled_graphed", "transformers_compiled"),
+          ("ours_compiled_graphed", "ours_compiled"))
 
 
 def make_step(model, batch, device: str, cudagraphs: bool = False, **forward_flags):
@@ -92,6 +103,32 @@ def make_step(model, batch, device: str, cudagraphs: bool = False, **forward_fla
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return loss
+
+    return step
+
+
+def make_graphed_step(model, batch, device: str, **forward_flags):
+    """The whole step replayed as one CUDA graph (``instructblip.train.cuda_graph.CudaGraphTrainStep``): captured
+    at the first call, after its warm-up steps, so a failed capture is reported like any failed side. Each call
+    copies the batch into the graph's input buffers, as a training loop would."""
+    from instructblip.train.cuda_graph import CudaGraphTrainStep
+
+    graphed = None
+
+    def step():
+        nonlocal graphed
+        if graphed is None:
+            if not device.startswith("cuda"):
+                raise RuntimeError("a CUDA graph needs a CUDA device")
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.05, fused=True,
+                                          capturable=True)
+            torch.cuda.reset_peak_memory_stats()
+            graphed = CudaGraphTrainStep(model, optimizer, batch, forward_flags)
+            # a replay allocates nothing, so the peak of one step is that of the warm-up steps and the capture
+            step.capture_peak_gib = torch.cuda.max_memory_allocated() / 2**30
+            print(f"  captured: peak {step.capture_peak_gib:.1f} GiB while capturing", file=sys.stderr, flush=True)
+        return graphed(batch)
 
     return step
 
@@ -205,20 +242,21 @@ def main() -> None:
     unknown = sorted(set(chosen) - set(SIDES))
     if unknown:
         parser.error(f"--sides: unknown {unknown}; allowed: {', '.join(SIDES)}")
-    if "ours_compiled" in chosen and {"ours", "ours_full_logits", "ours_compiled_whole"} & set(chosen):
-        parser.error("--sides: ours_compiled compiles ours in place; run it without ours, ours_full_logits and "
-                     "ours_compiled_whole")
+    eager_ours = {"ours", "ours_full_logits", "ours_compiled_whole", "ours_packed", "ours_graphed"}
+    if IN_PLACE & set(chosen) and eager_ours & set(chosen):
+        parser.error(f"--sides: {', '.join(sorted(IN_PLACE & set(chosen)))} compile ours in place; run them without "
+                     f"{', '.join(sorted(eager_ours))}")
 
     torch.manual_seed(0)
     # ours_compiled compiles the LLM's blocks in place: it must not be transformers' own LLM module
-    pair = build_pair(args.size, args.llm, args.device, share_llm="ours_compiled" not in chosen)
+    pair = build_pair(args.size, args.llm, args.device, share_llm=not IN_PLACE & set(chosen))
     cudagraphs = args.compile_mode == "reduce-overhead"
-    if {"ours_compiled", "ours_compiled_whole", "transformers_compiled"} & set(chosen):
+    if (IN_PLACE | {"ours_compiled_whole", "transformers_compiled"}) & set(chosen):
         # every batch size gets its own static-shape graphs on both compiled sides (torch would otherwise compile
         # the second batch size with a symbolic batch dimension, for ours only, since transformers' whole-model
         # compile runs at one batch size per job)
         torch._dynamo.config.automatic_dynamic_shapes = False
-    if "ours_compiled" in chosen:
+    if IN_PLACE & set(chosen):
         from instructblip.train.parallelize import compile_blocks
 
         compile_blocks(pair.ours, mode=args.compile_mode)
@@ -262,6 +300,9 @@ def main() -> None:
             ),
             "transformers": lambda: make_step(pair.theirs, theirs_batch, args.device),
             "ours_compiled_whole": lambda: make_step(compiled_ours, ours_batch, args.device, return_logits=False),
+            "ours_graphed": lambda: make_graphed_step(pair.ours, ours_batch, args.device, return_logits=False),
+            "ours_compiled_graphed": lambda: make_graphed_step(pair.ours, ours_batch, args.device,
+                                                               return_logits=False),
             "transformers_compiled": lambda: make_step(compiled_theirs, theirs_batch, args.device),
         }
         sides = {name: factories[name]() for name in chosen}
@@ -289,6 +330,8 @@ def main() -> None:
             row["sides"][name] = dict(
                 samples_per_s=samples_per_call / timing.primary(args.device), **timing.as_dict(), **first_calls[name]
             )
+            if hasattr(sides[name], "capture_peak_gib"):  # a graphed side: the replay's peak is not seen
+                row["sides"][name].update(peak_gib=sides[name].capture_peak_gib, peak_of="warm-up and capture")
         speed = {name: side["samples_per_s"] for name, side in row["sides"].items()}
         for mine, theirs in RATIOS:
             if mine in speed and theirs in speed:
@@ -318,7 +361,7 @@ def main() -> None:
                               f"(seeds 0..{args.mixed_lengths - 1})") if args.mixed_lengths
                  else dict(qformer=args.qformer_len, prompt=args.prompt_len, answer=args.answer_len)),
         timing=f"warmup {args.warmup}, {args.repeats} interleaved repeats, medians",
-        compile_mode=args.compile_mode if "ours_compiled" in chosen else None,
+        compile_mode=args.compile_mode if IN_PLACE & set(chosen) else None,
         environment=environment(args.device), rows=rows,
     ))
 

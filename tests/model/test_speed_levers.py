@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from instructblip.model import decoding
 from instructblip.testing import to_transformers_batch
@@ -237,3 +238,70 @@ def test_length_grouped_sampler_keeps_the_global_layout_ranks_and_resume():
         assert grouped_ids == plain_ids
     assert two_ranks != plain
     assert sampler(1, 2, 5, 7) == two_ranks[1][5:]  # resuming mid-window yields the rest unchanged
+
+
+def test_fixed_shape_loss_equals_the_labelled_positions_loss(our_models, images, monkeypatch):
+    """The form the loss takes under torch.compile and CUDA-graph capture: same loss, per-row losses (a row without
+    labels included) and gradients as the labelled-positions selection, which needs a device-host synchronisation."""
+    from instructblip.model import language
+
+    model = our_models["llama"]
+    batch = _training_batch(model, images)
+    batch["labels"] = torch.cat([batch["labels"], torch.full_like(batch["labels"][:1], -100)])
+    batch = {k: v if k == "labels" else torch.cat([v, v[:1]]) for k, v in batch.items()}
+    unused = set(model.unused_parameter_names())
+    trainable = [p for n, p in model.named_parameters() if p.requires_grad and n not in unused]
+    results = []
+    for fixed in (False, True):
+        monkeypatch.setattr(language, "fixed_shapes", lambda fixed=fixed: fixed)
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, return_logits=False)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.per_sample_loss.detach(), [p.grad.clone() for p in trainable]))
+    model.zero_grad(set_to_none=True)
+    (loss, per_row, grads), (fixed_loss, fixed_per_row, fixed_grads) = results
+    assert fixed_per_row[2].item() == 0.0 and per_row[2].item() == 0.0
+    torch.testing.assert_close(fixed_loss, loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fixed_per_row, per_row, rtol=1e-6, atol=1e-7)
+    for fixed_grad, grad in zip(fixed_grads, grads):
+        torch.testing.assert_close(fixed_grad, grad, rtol=1e-5, atol=1e-7)
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the ops that need a tensor's values on the host: a read (``.item()``, ``bool(t)``) or an output
+    whose shape depends on the values (``nonzero``, indexing by a mask). A CUDA graph capture fails at each."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.index.Tensor:  # integer indices have a fixed shape; a mask does not
+            dynamic = any(i is not None and i.dtype == torch.bool for i in args[1])
+        else:
+            dynamic = torch.Tag.dynamic_output_shape in func.tags or torch.Tag.data_dependent_output in func.tags
+        if dynamic:
+            self.found.append(str(func))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_training_step_reads_nothing_on_the_host_in_its_fixed_shape_form(fixed, our_models, images, monkeypatch):
+    """The training forward and backward as a CUDA-graph capture sees them (transformers then skips its own mask
+    checks): no op may need tensor values on the host. The labelled-positions selection (``fixed=False``) needs
+    them, which shows the check can fail."""
+    from instructblip.model import language
+
+    monkeypatch.setattr(language, "fixed_shapes", lambda: fixed)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    model = our_models["llama"]
+    batch = _training_batch(model, images)
+    mode = _HostReads()
+    with mode:
+        model(**batch, return_logits=False).loss.backward()
+    model.zero_grad(set_to_none=True)
+    if fixed:
+        assert mode.found == []
+    else:
+        assert "aten.index.Tensor" in mode.found or "aten.nonzero.default" in mode.found

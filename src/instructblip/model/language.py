@@ -14,11 +14,15 @@ Training does not need the logits, only the loss: ``label_loss`` runs the decode
 head to the positions that carry a label (the answer tokens and EOS, a small fraction of ``[visual; text]``), so
 the vocabulary projection and the fp32 cross-entropy cost answer-length work instead of sequence-length work.
 With ``pack_sequences`` (decoder-only, training) the samples are packed without padding first (``packing.py``).
+While ``torch.compile`` traces or a CUDA graph is captured, the head runs on every text position instead (no
+shape may depend on where the labels are; see ``fixed_shapes``).
 Greedy decoding and beam search go through the lean loops of ``decoding.py``; sampling (and several returned
 sequences) through transformers' ``generate``.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +70,29 @@ def llm_class(text_config):
 
     mapping = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if llm_kind(text_config) == ENCODER_DECODER else MODEL_FOR_CAUSAL_LM_MAPPING
     return mapping[type(text_config)]
+
+
+_fixed_shapes_asked = False
+
+
+@contextlib.contextmanager
+def fixed_shape_loss():
+    """Inside it the training loss takes its fixed-shape form, as while a capture runs: a CUDA graph's warm-up steps
+    then run the kernels that its capture will record."""
+    global _fixed_shapes_asked
+    before, _fixed_shapes_asked = _fixed_shapes_asked, True
+    try:
+        yield
+    finally:
+        _fixed_shapes_asked = before
+
+
+def fixed_shapes() -> bool:
+    """True while ``torch.compile`` traces, a CUDA graph is being captured or :func:`fixed_shape_loss` asks for it:
+    no shape may then depend on a tensor's values (the training loss takes its fixed-shape path)."""
+    if _fixed_shapes_asked or torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def next_token_targets(visual: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -172,6 +199,8 @@ class LanguageModel(nn.Module):
                 llm_inputs = {"inputs_embeds": packed.inputs_embeds, "position_ids": packed.position_ids}
                 targets, rows = packed.targets, packed.sample_index
             keep = targets != -100
+            if fixed_shapes() and not pack_sequences:
+                return self._label_loss_fixed_shapes(llm_inputs, targets, visual.shape[1] - 1)
             if self._plain_lm_head():
                 body = self.hf_model.base_model(**llm_inputs, use_cache=False)
                 logits = self.hf_model.get_output_embeddings()(body.last_hidden_state[keep])
@@ -194,6 +223,24 @@ class LanguageModel(nn.Module):
         per_row = token_losses.new_zeros(labels.shape[0]).index_add(0, rows, token_losses)
         labelled = torch.zeros_like(per_row).index_add(0, rows, torch.ones_like(token_losses))
         return token_losses.mean(), per_row / labelled.clamp_min(1)
+
+    def _label_loss_fixed_shapes(
+        self, llm_inputs: dict, targets: torch.Tensor, first_text_position: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``label_loss`` (decoder-only, unpacked) with no shape that depends on the labels' values: the head runs on
+        every position from the last visual one on (the visual positions never carry a target) and the unlabelled
+        ones add zero. Selecting the labelled rows needs their count on the host (a device-host synchronisation),
+        which a CUDA graph capture forbids and ``torch.compile`` turns into a graph break."""
+        if self._plain_lm_head():
+            hidden = self.hf_model.base_model(**llm_inputs, use_cache=False).last_hidden_state
+            logits = self.hf_model.get_output_embeddings()(hidden[:, first_text_position:])
+        else:
+            logits = self.hf_model(**llm_inputs, use_cache=False).logits[:, first_text_position:]
+        targets = targets[:, first_text_position:]
+        token_losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        token_losses = token_losses.view_as(targets)  # 0 where the target is -100 (ignored)
+        labelled = (targets != -100).sum(dim=1)
+        return token_losses.sum() / labelled.sum(), token_losses.sum(dim=1) / labelled.clamp_min(1)
 
     def checkpoint_layers(self) -> None:
         """Activation checkpointing on the LLM's blocks (those transformers marks ``GradientCheckpointingLayer``):

@@ -1,0 +1,114 @@
+"""A whole training step (forward, backward, optimizer step) captured once as a CUDA graph, then replayed.
+
+Why: an eager step at the released size launches about 6200 kernels, and on an H200 the GPU idles for half of a
+batch-8 step waiting for the host to launch them; compiling every block halves the launches and the GPU still waits
+(``experiments/README.md``, GPU results). A replayed graph launches the whole step's kernels with one call. It
+works with the eager model and with blocks compiled by :func:`instructblip.train.parallelize.compile_blocks`.
+
+What it asks of the step:
+
+* fixed shapes: a batch is copied into the buffers captured with the first one; another shape needs another
+  capture (pad batches to fixed lengths);
+* no tensor read on the host inside the step: the decoder-only loss takes its fixed-shape form while a capture
+  runs (``instructblip.model.language.fixed_shapes``; packing reads lengths on the host and cannot be captured);
+* a capturable optimizer (``capturable=True``: its step count lives on the GPU). The learning rate is read at
+  capture; a schedule must be given as a tensor in the param groups and updated in place;
+* warm-up steps before the capture (cuBLAS workspaces, the optimizer's state, compiled blocks' first calls):
+  they are real training steps on the first batch.
+
+Dropout draws new numbers at each replay (the CUDA generator advances its offset per replay). Gradient clipping
+and the non-finite guard of the Lightning module are not part of the captured step; it is used by
+``experiments/bench/train_throughput.py`` (side ``ours_graphed``) and by hand-written loops, not yet by
+``instructblip-train``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from instructblip.errors import ConfigError
+from instructblip.model.language import fixed_shape_loss
+
+
+@contextlib.contextmanager
+def _as_if_capturing():
+    """The warm-up takes the code paths of the capture. transformers' LLMs decide by whether a capture runs: outside
+    one they read the attention mask on the host and skip it when nothing is padded; inside one they always build
+    it. Without this, compiled blocks would first see the mask inside the capture and compile there, and kernels
+    the capture needs would be loaded during it."""
+    is_capturing = torch.cuda.is_current_stream_capturing
+    torch.cuda.is_current_stream_capturing = lambda: True
+    try:
+        yield
+    finally:
+        torch.cuda.is_current_stream_capturing = is_capturing
+
+
+class CudaGraphTrainStep:
+    """``step(batch) -> loss``: one optimizer step of ``model`` on ``batch`` by replaying the captured graph.
+
+    ``forward_kwargs`` go to every forward call (``return_logits=False`` for the training path); ``autocast_dtype``
+    (None: no autocast) is the mixed precision of the step. The returned loss and ``per_sample_loss`` are the
+    graph's own output buffers, overwritten by the next replay: clone them to keep them.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batch: dict[str, torch.Tensor],
+        forward_kwargs: dict | None = None,
+        autocast_dtype: torch.dtype | None = torch.bfloat16,
+        warmup_steps: int = 3,
+    ):
+        not_capturable = [i for i, group in enumerate(optimizer.param_groups) if not group.get("capturable", False)]
+        if not_capturable:
+            raise ConfigError(
+                f"CudaGraphTrainStep needs a capturable optimizer: param groups {not_capturable} have "
+                "capturable=False (e.g. torch.optim.AdamW(params, fused=True, capturable=True))"
+            )
+        if warmup_steps < 1:
+            raise ConfigError(f"warmup_steps={warmup_steps}; expected at least 1 (a step before the capture)")
+        self.model, self.optimizer = model, optimizer
+        self.forward_kwargs = dict(forward_kwargs or {})
+        self.autocast_dtype = autocast_dtype
+        self.inputs = {name: value.detach().clone() for name, value in batch.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as a capture requires
+            for _ in range(warmup_steps):
+                self.optimizer.zero_grad(set_to_none=True)
+                with _as_if_capturing():
+                    self._forward_backward()
+                self.optimizer.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)  # backward then allocates the gradients in the graph's pool
+        with torch.cuda.graph(self.graph):
+            self.loss, self.per_sample_loss = self._forward_backward()
+            self.optimizer.step()
+
+    def _forward_backward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # autocast's weight-cast cache off, as torch's notes on graphs and autocast ask
+        autocast = torch.autocast("cuda", dtype=self.autocast_dtype or torch.float32, cache_enabled=False,
+                                  enabled=self.autocast_dtype is not None)
+        with autocast, fixed_shape_loss():  # the warm-up steps run what the capture records
+            output = self.model(**self.inputs, **self.forward_kwargs)
+        output.loss.backward()
+        per_sample = getattr(output, "per_sample_loss", None)
+        return output.loss.detach(), None if per_sample is None else per_sample.detach()
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        for name, buffer in self.inputs.items():
+            value = batch[name]
+            if value.shape != buffer.shape:
+                raise ValueError(
+                    f"batch[{name!r}] has shape {tuple(value.shape)}; the graph was captured with "
+                    f"{tuple(buffer.shape)} (pad batches to fixed lengths, or capture one graph per shape)"
+                )
+            buffer.copy_(value, non_blocking=True)
+        self.graph.replay()
+        return self.loss
