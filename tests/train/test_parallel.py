@@ -30,6 +30,53 @@ def test_blocks_become_units_and_each_unit_is_all_frozen_or_all_trainable(tiny_c
         assert not inner & set(map(id, blocks))
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_output_head_is_a_unit_of_its_own_and_a_sharded_step_runs(tied, tmp_path):
+    """The LLM head outside the root (on an H200 with torch 2.11 its weight was freed, in the root, before backward
+    read it), with the input embeddings when they share its weight; then one bf16 step, here under gloo."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from instructblip.model.instructblip import InstructBlip
+    from instructblip.model.presets import get_preset
+    from instructblip.train.module import select_trainable
+    from instructblip.train.parallelize import parallelize
+    from test_cuda_graph import _batch
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = InstructBlip(get_preset("tiny-llama"))
+        llm = model.llm.hf_model
+        if tied:
+            llm.get_output_embeddings().weight = llm.get_input_embeddings().weight
+        select_trainable(model, ["query_tokens", "qformer", "projection", "vision.ln_vision"])
+        for name, param in model.named_parameters():
+            if name in set(model.unused_parameter_names()):
+                param.requires_grad_(False)
+        holder = type("Holder", (), {})
+        trainer = holder()
+        trainer.strategy = holder()
+        trainer.strategy.device_mesh = {"data_parallel": init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))}
+        parallelize(model, trainer)
+        head, embeddings = llm.get_output_embeddings(), llm.get_input_embeddings()
+        assert isinstance(head, FSDPModule)
+        assert isinstance(embeddings, FSDPModule) == tied  # grouped with the head when the weight is shared
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**_batch("cpu", 0), return_logits=False).loss
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+        assert model.query_tokens.grad is not None
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP2 (ModelParallelStrategy) needs a CUDA device")
 def test_fsdp_step_on_a_gpu(tiny_checkpoint, generated_data, tmp_path):

@@ -2,9 +2,10 @@
 
 Used by ``trainer=fsdp`` (Lightning's ``ModelParallelStrategy``): the LightningModule calls :func:`parallelize`
 from ``configure_model`` after freezing. Every transformer block of the model (the ViT blocks, the Q-Former
-layers, the LLM decoder layers: the elements of its ``nn.ModuleList``s) becomes its own ``fully_shard`` unit, then
-the root takes the rest (embeddings, ``ln_vision``, query tokens, projection). Units are all-frozen or
-all-trainable by construction (a block belongs to one tower), so no gradient memory is spent on frozen weights;
+layers, the LLM decoder layers: the elements of its ``nn.ModuleList``s) becomes its own ``fully_shard`` unit, and
+so does the LLM's output head; the root takes the rest (embeddings, ``ln_vision``, query tokens, projection).
+Units are all-frozen or all-trainable by construction (a block belongs to one tower), so no gradient memory is
+spent on frozen weights;
 the one exception is the last Q-Former layer, whose text branch (no output depends on it, see
 ``InstructBlip.unused_parameter_names``) is frozen inside a trained layer, a mixed group as the root is.
 
@@ -61,6 +62,18 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", mode: str | None
     return model
 
 
+def output_head_unit(model: nn.Module) -> list[nn.Module]:
+    """The modules of the LLM output head's own FSDP unit: the head, with the input embeddings when the two share
+    their weight (one parameter cannot belong to two units). Left in the root, the head's bf16 weight was freed
+    before the backward pass read it (CUDA, torch 2.11; the loss applies the head after the LLM body)."""
+    llm = getattr(model, "llm", None)
+    head = llm.hf_model.get_output_embeddings() if llm is not None else None
+    if head is None:
+        return []
+    embeddings = llm.hf_model.get_input_embeddings()
+    return [embeddings, head] if embeddings.weight is head.weight else [head]
+
+
 def parallelize(model: nn.Module, trainer) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -68,6 +81,9 @@ def parallelize(model: nn.Module, trainer) -> nn.Module:
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy)
+    head_unit = output_head_unit(model)
+    if head_unit:
+        fully_shard(head_unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     for method in ("generate", "rank", "encode_images"):
         if hasattr(model, method):
