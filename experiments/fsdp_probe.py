@@ -1,0 +1,117 @@
+"""FSDP2 on one GPU without Lightning: training steps of the tiny model under ``instructblip.train.parallelize``,
+in variants, each reported as OK or with its error (the probe of the open ``trainer=fsdp`` GPU failure, issue 7).
+
+    PYTHONPATH=src:tests/train python experiments/fsdp_probe.py      # a CUDA machine (gloo on a CPU-only one)
+
+Variants: ``parallelize`` as it is (the LLM head a unit of its own); the head left in the root, as before
+2026-11-27 (on the H200 with torch 2.11 its bf16 weight was freed before backward read it); with autograd's
+anomaly mode (a failing backward names its forward op); the full logits instead of the labelled positions; a full
+state dict between the steps, as Lightning saves one; the root keeping its parameters after backward.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from instructblip.model.instructblip import InstructBlip
+from instructblip.model.presets import get_preset
+from instructblip.train.module import frozen_modules, frozen_towers_to_eval, select_trainable
+from instructblip.train.parallelize import parallelize, transformer_blocks
+from test_cuda_graph import _batch  # tests/train: the tiny model's batch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _Holder:
+    pass
+
+
+def _trainer(mesh):
+    """What ``parallelize`` reads of a Lightning trainer: the data-parallel mesh."""
+    trainer = _Holder()
+    trainer.strategy = _Holder()
+    trainer.strategy.device_mesh = {"data_parallel": mesh}
+    return trainer
+
+
+def build(mesh, head_in_root: bool = False, root_keeps_parameters: bool = False):
+    torch.manual_seed(0)
+    model = InstructBlip(get_preset("tiny-llama")).to(DEVICE)
+    select_trainable(model, ["query_tokens", "qformer", "projection", "vision.ln_vision"])
+    unused = set(model.unused_parameter_names())
+    for name, param in model.named_parameters():
+        if name in unused:
+            param.requires_grad_(False)
+    frozen = frozen_modules(model)
+    if head_in_root:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in transformer_blocks(model):
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+    else:
+        parallelize(model, _trainer(mesh))
+    if root_keeps_parameters:
+        model.set_reshard_after_backward(False)
+    model.train()
+    frozen_towers_to_eval(model, frozen)
+    return model
+
+
+def save_like_lightning(model, optimizer) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    get_model_state_dict(model, options=options)
+    get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def run(mesh, name: str, steps: int = 2, return_logits: bool = False, anomaly: bool = False, save: bool = False,
+        **build_flags) -> None:
+    print(f"== {name}", flush=True)
+    try:
+        model = build(mesh, **build_flags)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        for step in range(steps):
+            with torch.autograd.set_detect_anomaly(anomaly):
+                with torch.autocast(DEVICE, torch.bfloat16):
+                    loss = model(**_batch(DEVICE, step), return_logits=return_logits).loss
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if save:
+                save_like_lightning(model, optimizer)
+            print(f"   step {step} loss {loss.item():.4f}", flush=True)
+        print(f"== {name}: OK", flush=True)
+    except Exception as error:  # noqa: BLE001 - every variant runs and reports
+        traceback.print_exc(limit=-8)
+        print(f"== {name}: FAILED {error!r}"[:400], flush=True)
+
+
+def main() -> None:
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo", rank=0, world_size=1)
+    if DEVICE == "cuda":
+        torch.cuda.set_device(0)
+    mesh = init_device_mesh(DEVICE, (1,), mesh_dim_names=("data_parallel",))
+    try:
+        run(mesh, "parallelize (the head a unit of its own)")
+        run(mesh, "the head in the root", head_in_root=True)
+        run(mesh, "the head in the root, anomaly mode", head_in_root=True, anomaly=True)
+        run(mesh, "the head in the root, full logits", head_in_root=True, return_logits=True)
+        run(mesh, "the head in the root, a full state dict after each step", head_in_root=True, save=True)
+        run(mesh, "the head in the root, the root keeps its parameters after backward", head_in_root=True,
+            root_keeps_parameters=True)
+        run(mesh, "parallelize, a full state dict after each step", save=True)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
