@@ -240,12 +240,13 @@ def test_length_grouped_sampler_keeps_the_global_layout_ranks_and_resume():
     assert sampler(1, 2, 5, 7) == two_ranks[1][5:]  # resuming mid-window yields the rest unchanged
 
 
-def test_fixed_shape_loss_equals_the_labelled_positions_loss(our_models, images, monkeypatch):
+@pytest.mark.parametrize("kind", LLM_KINDS)
+def test_fixed_shape_loss_equals_the_labelled_positions_loss(kind, our_models, images, monkeypatch):
     """The form the loss takes under torch.compile and CUDA-graph capture: same loss, per-row losses (a row without
     labels included) and gradients as the labelled-positions selection, which needs a device-host synchronisation."""
     from instructblip.model import language
 
-    model = our_models["llama"]
+    model = our_models[kind]
     batch = _training_batch(model, images)
     batch["labels"] = torch.cat([batch["labels"], torch.full_like(batch["labels"][:1], -100)])
     batch = {k: v if k == "labels" else torch.cat([v, v[:1]]) for k, v in batch.items()}
@@ -286,8 +287,10 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+@pytest.mark.parametrize("kind", LLM_KINDS)
 @pytest.mark.parametrize("fixed", [True, False])
-def test_training_step_reads_nothing_on_the_host_in_its_fixed_shape_form(fixed, our_models, images, monkeypatch):
+def test_training_step_reads_nothing_on_the_host_in_its_fixed_shape_form(fixed, kind, our_models, images,
+                                                                         monkeypatch):
     """The training forward and backward as a CUDA-graph capture sees them (transformers then skips its own mask
     checks): no op may need tensor values on the host. The labelled-positions selection (``fixed=False``) needs
     them, which shows the check can fail."""
@@ -295,7 +298,7 @@ def test_training_step_reads_nothing_on_the_host_in_its_fixed_shape_form(fixed, 
 
     monkeypatch.setattr(language, "fixed_shapes", lambda: fixed)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    model = our_models["llama"]
+    model = our_models[kind]
     batch = _training_batch(model, images)
     mode = _HostReads()
     with mode:

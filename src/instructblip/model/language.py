@@ -95,6 +95,16 @@ def fixed_shapes() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def fixed_shape_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token-mean loss, per-row token-mean loss) over every position of ``logits`` (B, T, V), the -100 targets
+    adding zero: ``label_loss``'s numbers with no shape that depends on where the labels are. Selecting the labelled
+    positions needs their count on the host (a device-host synchronisation), which a CUDA graph capture forbids."""
+    token_losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    token_losses = token_losses.view_as(targets)
+    labelled = (targets != -100).sum(dim=1)
+    return token_losses.sum() / labelled.sum(), token_losses.sum(dim=1) / labelled.clamp_min(1)
+
+
 def next_token_targets(visual: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The target of every position of ``[visual; text]`` (decoder-only): position t predicts token t+1, so the
     labels shifted left by one, -100 on the visual tokens and after the last position (the labels move, not the
@@ -200,7 +210,14 @@ class LanguageModel(nn.Module):
                 targets, rows = packed.targets, packed.sample_index
             keep = targets != -100
             if fixed_shapes() and not pack_sequences:
-                return self._label_loss_fixed_shapes(llm_inputs, targets, visual.shape[1] - 1)
+                # the head on every position from the last visual one on: the visual positions never carry a target
+                start = visual.shape[1] - 1
+                if self._plain_lm_head():
+                    hidden = self.hf_model.base_model(**llm_inputs, use_cache=False).last_hidden_state
+                    logits = self.hf_model.get_output_embeddings()(hidden[:, start:])
+                else:
+                    logits = self.hf_model(**llm_inputs, use_cache=False).logits[:, start:]
+                return fixed_shape_losses(logits, targets[:, start:])
             if self._plain_lm_head():
                 body = self.hf_model.base_model(**llm_inputs, use_cache=False)
                 logits = self.hf_model.get_output_embeddings()(body.last_hidden_state[keep])
@@ -217,30 +234,14 @@ class LanguageModel(nn.Module):
             logits, _ = self.forward(
                 visual, input_ids, attention_mask, None, decoder_input_ids, decoder_attention_mask
             )
+            if fixed_shapes():
+                return fixed_shape_losses(logits, labels)
             keep = labels != -100
             token_losses = F.cross_entropy(logits[keep].float(), labels[keep], reduction="none")
             rows = keep.nonzero(as_tuple=True)[0]
         per_row = token_losses.new_zeros(labels.shape[0]).index_add(0, rows, token_losses)
         labelled = torch.zeros_like(per_row).index_add(0, rows, torch.ones_like(token_losses))
         return token_losses.mean(), per_row / labelled.clamp_min(1)
-
-    def _label_loss_fixed_shapes(
-        self, llm_inputs: dict, targets: torch.Tensor, first_text_position: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``label_loss`` (decoder-only, unpacked) with no shape that depends on the labels' values: the head runs on
-        every position from the last visual one on (the visual positions never carry a target) and the unlabelled
-        ones add zero. Selecting the labelled rows needs their count on the host (a device-host synchronisation),
-        which a CUDA graph capture forbids and ``torch.compile`` turns into a graph break."""
-        if self._plain_lm_head():
-            hidden = self.hf_model.base_model(**llm_inputs, use_cache=False).last_hidden_state
-            logits = self.hf_model.get_output_embeddings()(hidden[:, first_text_position:])
-        else:
-            logits = self.hf_model(**llm_inputs, use_cache=False).logits[:, first_text_position:]
-        targets = targets[:, first_text_position:]
-        token_losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-        token_losses = token_losses.view_as(targets)  # 0 where the target is -100 (ignored)
-        labelled = (targets != -100).sum(dim=1)
-        return token_losses.sum() / labelled.sum(), token_losses.sum(dim=1) / labelled.clamp_min(1)
 
     def checkpoint_layers(self) -> None:
         """Activation checkpointing on the LLM's blocks (those transformers marks ``GradientCheckpointingLayer``):

@@ -9,7 +9,7 @@ What it asks of the step:
 
 * fixed shapes: a batch is copied into the buffers captured with the first one; another shape needs another
   capture (pad batches to fixed lengths);
-* no tensor read on the host inside the step: the decoder-only loss takes its fixed-shape form while a capture
+* no tensor read on the host inside the step: the loss takes its fixed-shape form while a capture
   runs (``instructblip.model.language.fixed_shapes``; packing reads lengths on the host and cannot be captured);
 * a capturable optimizer (``capturable=True``: its step count lives on the GPU). The learning rate is read at
   capture; a schedule must be given as a tensor in the param groups and updated in place;

@@ -5,9 +5,8 @@ from ``configure_model`` after freezing. Every transformer block of the model (t
 layers, the LLM decoder layers: the elements of its ``nn.ModuleList``s) becomes its own ``fully_shard`` unit, and
 so does the LLM's output head; the root takes the rest (embeddings, ``ln_vision``, query tokens, projection).
 Units are all-frozen or all-trainable by construction (a block belongs to one tower), so no gradient memory is
-spent on frozen weights;
-the one exception is the last Q-Former layer, whose text branch (no output depends on it, see
-``InstructBlip.unused_parameter_names``) is frozen inside a trained layer, a mixed group as the root is.
+spent on frozen weights; the one exception is the last Q-Former layer, whose text branch (no output depends on it,
+see ``InstructBlip.unused_parameter_names``) is frozen inside a trained layer, a mixed group as the root is.
 
 Mixed precision is FSDP2's: parameters all-gathered in bf16, gradients reduced in fp32, sharded master weights in
 fp32. The frozen towers stay fp32 *sharded* (1/N each) rather than bf16-cast, because one ``fully_shard`` group
