@@ -6,7 +6,9 @@ in variants, each reported as OK or with its error (the probe of the open ``trai
 Variants: ``parallelize`` as it is (the LLM head a unit of its own); the head left in the root, as before
 2026-11-27 (on the H200 with torch 2.11 its bf16 weight was freed before backward read it); with autograd's
 anomaly mode (a failing backward names its forward op); the full logits instead of the labelled positions; a full
-state dict between the steps, as Lightning saves one; the root keeping its parameters after backward.
+state dict between the steps, as Lightning saves one; the root keeping its parameters after backward; the model
+built on the CPU, moved by ``fully_shard`` and then by ``.to(device)``, as Lightning's ModelParallelStrategy does
+(its GPU test still failed after the head change, while the probe's own steps ran).
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ def _trainer(mesh):
     return trainer
 
 
-def build(mesh, head_in_root: bool = False, root_keeps_parameters: bool = False):
+def build(mesh, head_in_root: bool = False, root_keeps_parameters: bool = False, like_lightning: bool = False):
+    """``like_lightning``: as Lightning's ModelParallelStrategy does it, the model is built on the CPU, moved by
+    ``fully_shard`` and then given to ``.to(device)`` (its ``model_to_device`` after ``configure_model``)."""
     torch.manual_seed(0)
-    model = InstructBlip(get_preset("tiny-llama")).to(DEVICE)
+    model = InstructBlip(get_preset("tiny-llama")).to("cpu" if like_lightning else DEVICE)
     select_trainable(model, ["query_tokens", "qformer", "projection", "vision.ln_vision"])
     unused = set(model.unused_parameter_names())
     for name, param in model.named_parameters():
@@ -58,6 +62,8 @@ def build(mesh, head_in_root: bool = False, root_keeps_parameters: bool = False)
         parallelize(model, _trainer(mesh))
     if root_keeps_parameters:
         model.set_reshard_after_backward(False)
+    if like_lightning:
+        model.to(DEVICE)
     model.train()
     frozen_towers_to_eval(model, frozen)
     return model
@@ -109,6 +115,8 @@ def main() -> None:
         run(mesh, "the head in the root, the root keeps its parameters after backward", head_in_root=True,
             root_keeps_parameters=True)
         run(mesh, "parallelize, a full state dict after each step", save=True)
+        run(mesh, "parallelize, built on the CPU and moved as Lightning does", like_lightning=True)
+        run(mesh, "the same, anomaly mode", like_lightning=True, anomaly=True)
     finally:
         dist.destroy_process_group()
 

@@ -39,7 +39,7 @@ STAMP=$(date -u +%Y-%m-%d)
 
 job() {  # job SECONDS NAME COMMAND...  (the limit is cut to what is left of the budget; stdout to NAME-DATE.json)
     local limit=$1 name=$2 ext=json; shift 2
-    [[ $name == pytest* ]] && ext=txt
+    [[ $name == pytest* || $name == fsdp_probe* ]] && ext=txt
     local left=$((BUDGET - SECONDS))
     ((limit > left)) && limit=$left
     if ((limit < 20)); then
@@ -82,6 +82,8 @@ done
 #    dtype policy, image features.
 job 60 pytest-gpu "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/train/test_parallel.py \
     tests/train/test_cuda_graph.py tests/model/test_model_presets.py tests/data/test_image_features.py
+#    And the FSDP probe: FSDP2 steps of the tiny model without Lightning, in variants (experiments/fsdp_probe.py).
+job 40 fsdp_probe env PYTHONPATH="$PYTHONPATH:$PWD/tests/train" "$PY" experiments/fsdp_probe.py
 # 2. Training, Vicuna-7B, eager: ours, ours with the whole step replayed as one CUDA graph, and transformers as it
 #    is, batch 8/16/32: FLOPs, utilisation, peak memory, and a profile of one step per side (kernel time against
 #    wall time, launches, host-device synchronisations).
