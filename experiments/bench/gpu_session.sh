@@ -99,8 +99,10 @@ job 200 train_throughput-$SIZE-llama-$DEVICE-compiled $(bench train_throughput.p
     --warmup 2 --repeats 5 --peak-tflops "$PEAK" --profile
 # 4. Generation, Vicuna-7B, batch 1, greedy and 5-beam search: ours' lean loops and transformers' generate with
 #    dynamic caches, and both with static caches and compiled (CUDA-graph) decode steps (beam: ours only). Each
-#    static side compiles its decode step in 30-40 s.
-job 160 generate_throughput-$SIZE-llama-$DEVICE-static $(bench generate_throughput.py) --size $SIZE \
+#    static side compiles its decode step in 30-40 s. perf_hints: the log says why a compiled step would not be
+#    replayed as a CUDA graph (both static paths took about 11 ms per new token on the H200, encoding and prefill
+#    included; the weights alone set a floor of about 3 ms).
+job 160 generate_throughput-$SIZE-llama-$DEVICE-static env TORCH_LOGS=perf_hints $(bench generate_throughput.py) --size $SIZE \
     --llm llama --device $DEVICE --batch-sizes 1 --beams 5 --static --warmup 1 --repeats 3
 # 5. Generation at batch 16, greedy, with what is left.
 job 150 generate_throughput-$SIZE-llama-$DEVICE-static-b16 $(bench generate_throughput.py) --size $SIZE \
