@@ -77,3 +77,19 @@ def test_replayed_steps_train_like_eager_steps():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     with pytest.raises(ValueError, match=r"batch\['input_ids'\] has shape \(2, 7\)"):
         graphed({**batches[0], "input_ids": torch.ones(2, 7, dtype=torch.long, device="cuda")})
+
+
+def test_a_learning_rate_changed_after_the_capture_is_refused_not_ignored():
+    from instructblip.train.cuda_graph import check_learning_rates
+
+    rate = torch.tensor(1e-4)
+    groups = [{"lr": 1e-3}, {"lr": rate}]
+    check_learning_rates(groups, [1e-3, rate])
+    rate.fill_(5e-5)  # in place: the graph reads the new value
+    check_learning_rates(groups, [1e-3, rate])
+    groups[0]["lr"] = 5e-4  # what a scheduler's step does to a float rate
+    with pytest.raises(ValueError, match=r"param group 0: the learning rate changed after the capture \(0.001 -> "):
+        check_learning_rates(groups, [1e-3, rate])
+    groups[0]["lr"], groups[1]["lr"] = 1e-3, torch.tensor(5e-5)  # a new tensor object: the graph keeps the old one
+    with pytest.raises(ValueError, match=r"param group 1: .*tensor learning rate and update it in place"):
+        check_learning_rates(groups, [1e-3, rate])

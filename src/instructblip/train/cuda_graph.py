@@ -12,7 +12,8 @@ What it asks of the step:
 * no tensor read on the host inside the step: the loss takes its fixed-shape form while a capture
   runs (``instructblip.model.language.fixed_shapes``; packing reads lengths on the host and cannot be captured);
 * a capturable optimizer (``capturable=True``: its step count lives on the GPU). The learning rate is read at
-  capture; a schedule must be given as a tensor in the param groups and updated in place;
+  capture; a schedule must be given as a tensor in the param groups and updated in place (a changed float rate is
+  refused at the next step rather than ignored);
 * warm-up steps before the capture (cuBLAS workspaces, the optimizer's state, compiled blocks' first calls):
   they are real training steps on the first batch.
 
@@ -45,6 +46,20 @@ def _as_if_capturing():
         yield
     finally:
         torch.cuda.is_current_stream_capturing = is_capturing
+
+
+def check_learning_rates(param_groups: list[dict], captured: list) -> None:
+    """The replayed optimizer step uses the learning rates of the capture: a float one that has changed since (a
+    scheduler's step) or a tensor one replaced by another object would be ignored, so it is refused instead."""
+    for index, (group, then) in enumerate(zip(param_groups, captured)):
+        now = group["lr"]
+        changed = now is not then if isinstance(then, torch.Tensor) else now != then
+        if changed:
+            raise ValueError(
+                f"param group {index}: the learning rate changed after the capture ({then!r} -> {now!r}) and the "
+                "replayed step would ignore it; give the optimizer a tensor learning rate and update it in place "
+                "(group['lr'].fill_(value))"
+            )
 
 
 class CudaGraphTrainStep:
@@ -90,6 +105,7 @@ class CudaGraphTrainStep:
         with torch.cuda.graph(self.graph):
             self.loss, self.per_sample_loss = self._forward_backward()
             self.optimizer.step()
+        self.captured_learning_rates = [group["lr"] for group in optimizer.param_groups]
 
     def _forward_backward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         # autocast's weight-cast cache off, as torch's notes on graphs and autocast ask
@@ -102,6 +118,7 @@ class CudaGraphTrainStep:
         return output.loss.detach(), None if per_sample is None else per_sample.detach()
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        check_learning_rates(self.optimizer.param_groups, self.captured_learning_rates)
         for name, buffer in self.inputs.items():
             value = batch[name]
             if value.shape != buffer.shape:
