@@ -1,7 +1,7 @@
 """FSDP2 on one GPU without Lightning: training steps of the tiny model under ``instructblip.train.parallelize``,
 in variants, each reported as OK or with its error (the probe of the open ``trainer=fsdp`` GPU failure, issue 7).
 
-    PYTHONPATH=src:tests/train python experiments/fsdp_probe.py      # a CUDA machine (gloo on a CPU-only one)
+    .venv/bin/python experiments/fsdp_probe.py      # a CUDA machine (gloo on a CPU-only one)
 
 Variants: ``parallelize`` as it is (the LLM head a unit of its own); the head left in the root, as before
 2026-11-27 (on the H200 with torch 2.11 its bf16 weight was freed before backward read it); with autograd's
@@ -23,9 +23,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from instructblip.model.instructblip import InstructBlip
 from instructblip.model.presets import get_preset
+from instructblip.testing import preset_training_batch
 from instructblip.train.module import frozen_modules, frozen_towers_to_eval, select_trainable
 from instructblip.train.parallelize import parallelize, transformer_blocks
-from test_cuda_graph import _batch  # tests/train: the tiny model's batch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -86,7 +86,7 @@ def run(mesh, name: str, steps: int = 2, return_logits: bool = False, anomaly: b
         for step in range(steps):
             with torch.autograd.set_detect_anomaly(anomaly):
                 with torch.autocast(DEVICE, torch.bfloat16):
-                    loss = model(**_batch(DEVICE, step), return_logits=return_logits).loss
+                    loss = model(**preset_training_batch(DEVICE, step), return_logits=return_logits).loss
                 loss.backward()
             optimizer.step()
             optimizer.zero_grad()

@@ -82,7 +82,7 @@ done
 job 60 pytest-gpu "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/train/test_parallel.py \
     tests/train/test_cuda_graph.py tests/model/test_model_presets.py tests/data/test_image_features.py
 #    And the FSDP probe: FSDP2 steps of the tiny model without Lightning, in variants (experiments/fsdp_probe.py).
-job 40 fsdp_probe env PYTHONPATH="$PYTHONPATH:$PWD/tests/train" "$PY" experiments/fsdp_probe.py
+job 40 fsdp_probe "$PY" experiments/fsdp_probe.py
 # 2. Training, FlanT5-XL, batch 16/32: ours with every block compiled, the same replayed as one CUDA graph, and
 #    transformers as it is (issue 7 asks utilisation 0.35 for FlanT5-XL; eager reached 0.12 on the H100).
 job 120 train_throughput-$SIZE-t5-$DEVICE-compiled $(bench train_throughput.py) --size $SIZE --llm t5 \

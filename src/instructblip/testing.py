@@ -316,3 +316,22 @@ def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, toleranc
     error = (actual.detach().float() - expected.detach().float()).abs().max().item()
     scale = expected.detach().float().abs().max().item()
     assert error <= tolerance * scale, f"max |diff| {error:.3g} > {tolerance:g} * max |expected| {scale:.3g}"
+
+
+def preset_training_batch(device: str, seed: int, padded: bool = True) -> dict[str, torch.Tensor]:
+    """A training batch of two rows for the ``tiny-llama`` preset (random ids inside its vocabularies, 28-px images,
+    labels on the last tokens), seeded; ``padded``: the second row ends in one padding position."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 60, (2, 6), generator=generator)
+    labels = torch.full_like(ids, -100)
+    labels[0, 3:] = ids[0, 3:]
+    labels[1, 4:] = ids[1, 4:]
+    batch = dict(
+        pixel_values=torch.randn(2, 3, 28, 28, generator=generator),
+        input_ids=ids,
+        attention_mask=torch.tensor([[1] * 6, [1] * 5 + [int(not padded)]]),
+        qformer_input_ids=torch.randint(1000, 2000, (2, 4), generator=generator),
+        qformer_attention_mask=torch.ones(2, 4, dtype=torch.long),
+        labels=labels,
+    )
+    return {name: value.to(device) for name, value in batch.items()}

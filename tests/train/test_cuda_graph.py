@@ -9,6 +9,7 @@ import torch
 from instructblip.errors import ConfigError
 from instructblip.model.instructblip import InstructBlip
 from instructblip.model.presets import get_preset
+from instructblip.testing import preset_training_batch
 from instructblip.train.cuda_graph import CudaGraphTrainStep
 
 
@@ -23,28 +24,11 @@ def _tiny_trainable_model(device: str) -> InstructBlip:
     return model.eval()  # no dropout: the graphed and eager runs must see the same numbers
 
 
-def _batch(device: str, seed: int, padded: bool = True) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 60, (2, 6), generator=generator)
-    labels = torch.full_like(ids, -100)
-    labels[0, 3:] = ids[0, 3:]
-    labels[1, 4:] = ids[1, 4:]
-    batch = dict(
-        pixel_values=torch.randn(2, 3, 28, 28, generator=generator),
-        input_ids=ids,
-        attention_mask=torch.tensor([[1] * 6, [1] * 5 + [int(not padded)]]),
-        qformer_input_ids=torch.randint(1000, 2000, (2, 4), generator=generator),
-        qformer_attention_mask=torch.ones(2, 4, dtype=torch.long),
-        labels=labels,
-    )
-    return {name: value.to(device) for name, value in batch.items()}
-
-
 def test_a_step_without_a_capturable_optimizer_is_refused():
     model = _tiny_trainable_model("cpu")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     with pytest.raises(ConfigError, match=r"capturable optimizer: param groups \[0\] have capturable=False"):
-        CudaGraphTrainStep(model, optimizer, _batch("cpu", 0))
+        CudaGraphTrainStep(model, optimizer, preset_training_batch("cpu", 0))
 
 
 @pytest.mark.gpu
@@ -56,7 +40,7 @@ def test_replayed_steps_train_like_eager_steps():
         for m in models
     ]
     # the first (the warm-up's and the capture's) without padding: eager transformers would skip its mask there
-    batches = [_batch("cuda", seed, padded=seed > 0) for seed in range(4)]
+    batches = [preset_training_batch("cuda", seed, padded=seed > 0) for seed in range(4)]
     graphed = CudaGraphTrainStep(models[0], optimizers[0], batches[0], {"return_logits": False},
                                  autocast_dtype=None, warmup_steps=2)
     eager_losses, graphed_losses = [], []

@@ -43,7 +43,7 @@ def test_the_output_head_is_a_unit_of_its_own_and_a_sharded_step_runs(tied, tmp_
     from instructblip.model.presets import get_preset
     from instructblip.train.module import select_trainable
     from instructblip.train.parallelize import parallelize
-    from test_cuda_graph import _batch
+    from instructblip.testing import preset_training_batch
 
     assert not dist.is_initialized()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
@@ -67,7 +67,7 @@ def test_the_output_head_is_a_unit_of_its_own_and_a_sharded_step_runs(tied, tmp_
         assert isinstance(embeddings, FSDPModule) == tied  # grouped with the head when the weight is shared
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**_batch("cpu", 0), return_logits=False).loss
+            loss = model(**preset_training_batch("cpu", 0), return_logits=False).loss
         loss.backward()
         optimizer.step()
         assert torch.isfinite(loss)
