@@ -24,37 +24,77 @@ def _tiny_trainable_model(device: str) -> InstructBlip:
     return model.eval()  # no dropout: the graphed and eager runs must see the same numbers
 
 
-def test_a_step_without_a_capturable_optimizer_is_refused():
+def _optimizer(model, capturable: bool = False, fused: bool = True):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=fused,
+                             capturable=capturable)
+
+
+def _plain_steps(model, optimizer, batches) -> list[torch.Tensor]:
+    losses = []
+    for batch in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(**batch, return_logits=False).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return losses
+
+
+def _nan_batch(device: str) -> dict:
+    batch = preset_training_batch(device, 9)
+    batch["pixel_values"] = torch.full_like(batch["pixel_values"], float("nan"))
+    return batch
+
+
+def test_a_step_without_a_capturable_or_fused_optimizer_is_refused():
     model = _tiny_trainable_model("cpu")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     with pytest.raises(ConfigError, match=r"capturable optimizer: param groups \[0\] have capturable=False"):
-        CudaGraphTrainStep(model, optimizer, preset_training_batch("cpu", 0))
+        CudaGraphTrainStep(model, _optimizer(model), preset_training_batch("cpu", 0))
+    with pytest.raises(ConfigError, match=r"needs a fused optimizer \(fused=True\)"):
+        CudaGraphTrainStep(model, _optimizer(model, fused=False), preset_training_batch("cpu", 0), capture=False)
+
+
+def test_the_step_trains_like_a_plain_loop_and_skips_a_non_finite_step_whole():
+    """The step's body without the graph (capture=False, here on the CPU): plain fused AdamW steps, and a batch
+    whose loss is NaN changes no weight, moment or step count and is counted."""
+    models = [_tiny_trainable_model("cpu") for _ in range(2)]
+    optimizers = [_optimizer(m) for m in models]
+    batches = [preset_training_batch("cpu", seed) for seed in range(3)]
+    step = CudaGraphTrainStep(models[0], optimizers[0], batches[0], {"return_logits": False}, autocast_dtype=None,
+                              capture=False)
+    losses = [step(batch).clone() for batch in batches[:2]]
+    before = {name: p.detach().clone() for name, p in models[0].named_parameters()}
+    state = {k: v.clone() for k, v in optimizers[0].state[models[0].query_tokens].items()}
+    assert not torch.isfinite(step(_nan_batch("cpu"))) and int(step.skipped_steps) == 1
+    for name, param in models[0].named_parameters():
+        torch.testing.assert_close(param, before[name], rtol=0, atol=0, msg=name)
+    for key, value in optimizers[0].state[models[0].query_tokens].items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)
+    losses.append(step(batches[2]).clone())
+    assert int(step.skipped_steps) == 1
+    expected = _plain_steps(models[1], optimizers[1], batches)
+    torch.testing.assert_close(torch.stack(losses), torch.stack(expected), rtol=1e-6, atol=1e-7)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_replayed_steps_train_like_eager_steps():
     models = [_tiny_trainable_model("cuda") for _ in range(2)]
-    optimizers = [
-        torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, fused=True, capturable=True)
-        for m in models
-    ]
+    optimizers = [_optimizer(m, capturable=True) for m in models]
     # the first (the warm-up's and the capture's) without padding: eager transformers would skip its mask there
     batches = [preset_training_batch("cuda", seed, padded=seed > 0) for seed in range(4)]
+    before = {name: p.detach().clone() for name, p in models[0].named_parameters()}
     graphed = CudaGraphTrainStep(models[0], optimizers[0], batches[0], {"return_logits": False},
                                  autocast_dtype=None, warmup_steps=2)
-    eager_losses, graphed_losses = [], []
-    for _ in range(2):  # the warm-up steps, on the first batch
-        optimizers[1].zero_grad(set_to_none=True)
-        models[1](**batches[0], return_logits=False).loss.backward()
-        optimizers[1].step()
-    for batch in batches:
-        graphed_losses.append(graphed(batch).clone())
-        optimizers[1].zero_grad(set_to_none=True)
-        loss = models[1](**batch, return_logits=False).loss
-        loss.backward()
-        optimizers[1].step()
-        eager_losses.append(loss.detach())
+    for name, param in models[0].named_parameters():  # the warm-up steps trained nothing
+        torch.testing.assert_close(param, before[name], rtol=0, atol=0, msg=name)
+    graphed_losses = [graphed(batch).clone() for batch in batches[:2]]
+    graphed(_nan_batch("cuda"))  # skipped whole, inside the graph
+    assert int(graphed.skipped_steps) == 1
+    graphed_losses += [graphed(batch).clone() for batch in batches[2:]]
+    eager_losses = _plain_steps(models[1], optimizers[1], batches)
     torch.testing.assert_close(torch.stack(graphed_losses), torch.stack(eager_losses), rtol=1e-4, atol=1e-5)
     assert len(set(torch.stack(eager_losses).tolist())) == 4, "different batches give different losses"
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):

@@ -14,11 +14,12 @@ What it asks of the step:
 * a capturable optimizer (``capturable=True``: its step count lives on the GPU). The learning rate is read at
   capture; a schedule must be given as a tensor in the param groups and updated in place (a changed float rate is
   refused at the next step rather than ignored);
-* warm-up steps before the capture (cuBLAS workspaces, the optimizer's state, compiled blocks' first calls):
-  they are real training steps on the first batch.
+* warm-up steps before the capture (cuBLAS workspaces, the optimizer's state, compiled blocks' first calls): they
+  run on the first batch and skip their updates, so they train nothing;
+* a fused optimizer: a step with a non-finite loss or gradient is skipped through its ``found_inf`` flag.
 
-Dropout draws new numbers at each replay (the CUDA generator advances its offset per replay). Gradient clipping
-and the non-finite guard of the Lightning module are not part of the captured step; it is used by
+Dropout draws new numbers at each replay (the CUDA generator advances its offset per replay). Gradient clipping is
+not part of the captured step (the paper's recipes do not clip); it is used by
 ``experiments/bench/train_throughput.py`` (side ``ours_graphed``) and by hand-written loops, not yet by
 ``instructblip-train``.
 """
@@ -68,6 +69,12 @@ class CudaGraphTrainStep:
     ``forward_kwargs`` go to every forward call (``return_logits=False`` for the training path); ``autocast_dtype``
     (None: no autocast) is the mixed precision of the step. The returned loss and ``per_sample_loss`` are the
     graph's own output buffers, overwritten by the next replay: clone them to keep them.
+
+    A step whose loss or gradient norm is not finite changes nothing: the optimizer (fused) reads a ``found_inf``
+    flag the step sets, as under a gradient scaler, and leaves the weights, moments and step count as they were;
+    ``skipped_steps`` (a tensor on the step's device, read it when you log) counts them. The warm-up steps set the
+    flag too, so they run every kernel of the step without training. ``capture=False`` runs the same step eagerly,
+    on any device (for debugging, and to check a graph against).
     """
 
     def __init__(
@@ -78,47 +85,69 @@ class CudaGraphTrainStep:
         forward_kwargs: dict | None = None,
         autocast_dtype: torch.dtype | None = torch.bfloat16,
         warmup_steps: int = 3,
+        capture: bool = True,
     ):
         not_capturable = [i for i, group in enumerate(optimizer.param_groups) if not group.get("capturable", False)]
-        if not_capturable:
+        if capture and not_capturable:
             raise ConfigError(
                 f"CudaGraphTrainStep needs a capturable optimizer: param groups {not_capturable} have "
                 "capturable=False (e.g. torch.optim.AdamW(params, fused=True, capturable=True))"
             )
-        if warmup_steps < 1:
+        if not all(group.get("fused", False) for group in optimizer.param_groups):
+            raise ConfigError(
+                "CudaGraphTrainStep needs a fused optimizer (fused=True): only the fused step reads the found_inf "
+                "flag that skips a non-finite step"
+            )
+        if capture and warmup_steps < 1:
             raise ConfigError(f"warmup_steps={warmup_steps}; expected at least 1 (a step before the capture)")
         self.model, self.optimizer = model, optimizer
         self.forward_kwargs = dict(forward_kwargs or {})
         self.autocast_dtype = autocast_dtype
+        self.capture = capture
+        device = batch["input_ids"].device
+        self.skipped_steps = torch.zeros((), dtype=torch.long, device=device)
+        self._warming_up = torch.ones((), device=device)
+        optimizer.found_inf = torch.zeros((), device=device)  # read by the fused step (what a GradScaler sets)
+        self.captured_learning_rates = [group["lr"] for group in optimizer.param_groups]
+        if not capture:
+            self._warming_up.zero_()
+            return
         self.inputs = {name: value.detach().clone() for name, value in batch.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up on a side stream, as a capture requires
             for _ in range(warmup_steps):
-                self.optimizer.zero_grad(set_to_none=True)
                 with _as_if_capturing():
-                    self._forward_backward()
-                self.optimizer.step()
+                    self._step(self.inputs)
         torch.cuda.current_stream().wait_stream(side)
+        self._warming_up.zero_()
         self.graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)  # backward then allocates the gradients in the graph's pool
         with torch.cuda.graph(self.graph):
-            self.loss, self.per_sample_loss = self._forward_backward()
-            self.optimizer.step()
-        self.captured_learning_rates = [group["lr"] for group in optimizer.param_groups]
+            self.loss, self.per_sample_loss = self._step(self.inputs)
 
-    def _forward_backward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _step(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # set_to_none: in the capture, backward then allocates the gradients in the graph's pool
+        self.optimizer.zero_grad(set_to_none=True)
         # autocast's weight-cast cache off, as torch's notes on graphs and autocast ask
-        autocast = torch.autocast("cuda", dtype=self.autocast_dtype or torch.float32, cache_enabled=False,
+        device_type = inputs["input_ids"].device.type
+        autocast = torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32, cache_enabled=False,
                                   enabled=self.autocast_dtype is not None)
         with autocast, fixed_shape_loss():  # the warm-up steps run what the capture records
-            output = self.model(**self.inputs, **self.forward_kwargs)
+            output = self.model(**inputs, **self.forward_kwargs)
         output.loss.backward()
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.isfinite(output.loss.detach()) & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        self.skipped_steps.add_((~finite).long() * (1 - self._warming_up.long()))
+        self.optimizer.found_inf.copy_(torch.maximum((~finite).float(), self._warming_up))
+        self.optimizer.step()
         per_sample = getattr(output, "per_sample_loss", None)
         return output.loss.detach(), None if per_sample is None else per_sample.detach()
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         check_learning_rates(self.optimizer.param_groups, self.captured_learning_rates)
+        if not self.capture:
+            self.loss, self.per_sample_loss = self._step(batch)
+            return self.loss
         for name, buffer in self.inputs.items():
             value = batch[name]
             if value.shape != buffer.shape:
