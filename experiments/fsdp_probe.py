@@ -24,7 +24,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from instructblip.model.instructblip import InstructBlip
 from instructblip.model.presets import get_preset
 from instructblip.testing import preset_training_batch
-from instructblip.train.module import frozen_modules, frozen_towers_to_eval, select_trainable
+from instructblip.train.module import freeze_unused, frozen_modules, frozen_towers_to_eval, select_trainable
 from instructblip.train.parallelize import parallelize, transformer_blocks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -48,10 +48,7 @@ def build(mesh, head_in_root: bool = False, root_keeps_parameters: bool = False,
     torch.manual_seed(0)
     model = InstructBlip(get_preset("tiny-llama")).to("cpu" if like_lightning else DEVICE)
     select_trainable(model, ["query_tokens", "qformer", "projection", "vision.ln_vision"])
-    unused = set(model.unused_parameter_names())
-    for name, param in model.named_parameters():
-        if name in unused:
-            param.requires_grad_(False)
+    freeze_unused(model)
     frozen = frozen_modules(model)
     if head_in_root:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

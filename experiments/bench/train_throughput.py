@@ -79,6 +79,14 @@ RATIOS = (("ours", "transformers"), ("ours", "transformers_compiled"), ("ours_co
           ("ours_compiled_graphed", "ours_compiled"))
 
 
+def bench_adamw(model, capturable: bool = False) -> torch.optim.AdamW:
+    """Every side's optimizer over its trainable parameters: torch's fused AdamW on a CPU and a GPU alike (what
+    instructblip.train.optim picks); ``capturable`` for a step replayed as a CUDA graph."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.05, fused=True,
+                             capturable=capturable)
+
+
 def make_step(model, batch, device: str, cudagraphs: bool = False, **forward_flags):
     """One training step on ``batch``, or on each micro-batch in turn when ``batch`` is a list (``--mixed-lengths``).
 
@@ -86,9 +94,7 @@ def make_step(model, batch, device: str, cudagraphs: bool = False, **forward_fla
     buffers may be reused from one step to the next.
     """
     batches = batch if isinstance(batch, list) else [batch]
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = True  # both sides: torch's fused AdamW on a CPU and a GPU alike (what instructblip.train.optim picks)
-    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.05, fused=fused)
+    optimizer = bench_adamw(model)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     )
@@ -120,11 +126,8 @@ def make_graphed_step(model, batch, device: str, **forward_flags):
         if graphed is None:
             if not device.startswith("cuda"):
                 raise RuntimeError("a CUDA graph needs a CUDA device")
-            params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.05, fused=True,
-                                          capturable=True)
             torch.cuda.reset_peak_memory_stats()
-            graphed = CudaGraphTrainStep(model, optimizer, batch, forward_flags)
+            graphed = CudaGraphTrainStep(model, bench_adamw(model, capturable=True), batch, forward_flags)
             # a replay allocates nothing, so the peak of one step is that of the warm-up steps and the capture
             step.capture_peak_gib = torch.cuda.max_memory_allocated() / 2**30
             print(f"  captured: peak {step.capture_peak_gib:.1f} GiB while capturing", file=sys.stderr, flush=True)

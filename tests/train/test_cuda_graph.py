@@ -11,6 +11,7 @@ from instructblip.model.instructblip import InstructBlip
 from instructblip.model.presets import get_preset
 from instructblip.testing import preset_training_batch
 from instructblip.train.cuda_graph import CudaGraphTrainStep
+from instructblip.train.module import freeze_unused
 
 
 def _tiny_trainable_model(device: str) -> InstructBlip:
@@ -18,9 +19,7 @@ def _tiny_trainable_model(device: str) -> InstructBlip:
     model = InstructBlip(get_preset("tiny-llama")).place(device)
     model.vision.trunk.requires_grad_(False)
     model.llm.requires_grad_(False)
-    for name, param in model.named_parameters():
-        if name in set(model.unused_parameter_names()):
-            param.requires_grad_(False)
+    freeze_unused(model)
     return model.eval()  # no dropout: the graphed and eager runs must see the same numbers
 
 

@@ -41,7 +41,7 @@ def test_the_output_head_is_a_unit_of_its_own_and_a_sharded_step_runs(tied, tmp_
 
     from instructblip.model.instructblip import InstructBlip
     from instructblip.model.presets import get_preset
-    from instructblip.train.module import select_trainable
+    from instructblip.train.module import freeze_unused, select_trainable
     from instructblip.train.parallelize import parallelize
     from instructblip.testing import preset_training_batch
 
@@ -54,9 +54,7 @@ def test_the_output_head_is_a_unit_of_its_own_and_a_sharded_step_runs(tied, tmp_
         if tied:
             llm.get_output_embeddings().weight = llm.get_input_embeddings().weight
         select_trainable(model, ["query_tokens", "qformer", "projection", "vision.ln_vision"])
-        for name, param in model.named_parameters():
-            if name in set(model.unused_parameter_names()):
-                param.requires_grad_(False)
+        freeze_unused(model)
         holder = type("Holder", (), {})
         trainer = holder()
         trainer.strategy = holder()

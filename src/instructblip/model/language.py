@@ -208,21 +208,18 @@ class LanguageModel(nn.Module):
                 # no attention mask: transformers finds the samples from the restarting position ids
                 llm_inputs = {"inputs_embeds": packed.inputs_embeds, "position_ids": packed.position_ids}
                 targets, rows = packed.targets, packed.sample_index
+            fixed = fixed_shapes() and not pack_sequences
             keep = targets != -100
-            if fixed_shapes() and not pack_sequences:
-                # the head on every position from the last visual one on: the visual positions never carry a target
-                start = visual.shape[1] - 1
-                if self._plain_lm_head():
-                    hidden = self.hf_model.base_model(**llm_inputs, use_cache=False).last_hidden_state
-                    logits = self.hf_model.get_output_embeddings()(hidden[:, start:])
-                else:
-                    logits = self.hf_model(**llm_inputs, use_cache=False).logits[:, start:]
-                return fixed_shape_losses(logits, targets[:, start:])
+            start = visual.shape[1] - 1  # the visual positions before the last one never carry a target
+            # the positions the head runs on: the labelled ones, or (fixed shapes) every one from the last visual on
+            select = (lambda x: x[:, start:]) if fixed else (lambda x: x[keep])
             if self._plain_lm_head():
                 body = self.hf_model.base_model(**llm_inputs, use_cache=False)
-                logits = self.hf_model.get_output_embeddings()(body.last_hidden_state[keep])
+                logits = self.hf_model.get_output_embeddings()(select(body.last_hidden_state))
             else:
-                logits = self.hf_model(**llm_inputs, use_cache=False).logits[keep]
+                logits = select(self.hf_model(**llm_inputs, use_cache=False).logits)
+            if fixed:
+                return fixed_shape_losses(logits, select(targets))
             token_losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
             rows = rows[keep]
         else:

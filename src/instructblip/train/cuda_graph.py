@@ -108,10 +108,10 @@ class CudaGraphTrainStep:
         self.skipped_steps = torch.zeros((), dtype=torch.long, device=device)
         self._warming_up = torch.ones((), device=device)
         optimizer.found_inf = torch.zeros((), device=device)  # read by the fused step (what a GradScaler sets)
-        self.captured_learning_rates = [group["lr"] for group in optimizer.param_groups]
         if not capture:
             self._warming_up.zero_()
             return
+        self.captured_learning_rates = [group["lr"] for group in optimizer.param_groups]
         self.inputs = {name: value.detach().clone() for name, value in batch.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -144,10 +144,10 @@ class CudaGraphTrainStep:
         return output.loss.detach(), None if per_sample is None else per_sample.detach()
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        check_learning_rates(self.optimizer.param_groups, self.captured_learning_rates)
-        if not self.capture:
+        if not self.capture:  # the optimizer reads its learning rates at each step
             self.loss, self.per_sample_loss = self._step(batch)
             return self.loss
+        check_learning_rates(self.optimizer.param_groups, self.captured_learning_rates)
         for name, buffer in self.inputs.items():
             value = batch[name]
             if value.shape != buffer.shape:

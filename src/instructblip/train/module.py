@@ -58,6 +58,16 @@ def select_trainable(model: nn.Module, prefixes: list[str]) -> tuple[list[str], 
     return trainable, frozen
 
 
+def freeze_unused(model: nn.Module) -> set[str]:
+    """Freezes the parameters no output depends on (``unused_parameter_names``, where the model has it) and returns
+    their names: they would get no gradient, which DDP refuses; frozen, they stay as loaded."""
+    unused = set(getattr(model, "unused_parameter_names", list)())
+    for name, param in model.named_parameters():
+        if name in unused:
+            param.requires_grad_(False)
+    return unused
+
+
 def frozen_modules(model: nn.Module) -> list[nn.Module]:
     """The largest submodules whose parameters are all frozen (the towers): kept in eval mode while training."""
     out = []
@@ -169,11 +179,8 @@ class InstructBlipModule(pl.LightningModule):
         # the towers (eval mode, and bf16 on a GPU), found before the unused parameters below join the frozen set:
         # those stay in the dtype of the module they belong to
         self._frozen = frozen_modules(model)
-        unused = set(getattr(model, "unused_parameter_names", list)())
-        if unused:  # they would get no gradient, which DDP refuses; frozen, they stay as loaded
-            for name, param in model.named_parameters():
-                if name in unused:
-                    param.requires_grad_(False)
+        unused = freeze_unused(model)
+        if unused:
             self.frozen_names += [n for n in self.trainable_names if n in unused]
             self.trainable_names = [n for n in self.trainable_names if n not in unused]
         self.model = model

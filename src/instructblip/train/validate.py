@@ -115,11 +115,12 @@ def check_config(cfg: DictConfig) -> None:
     accelerator = str(cfg.trainer.accelerator)
     strategy = OmegaConf.select(cfg, "trainer.strategy")
     strategy_name = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy)
-    if accelerator == "cpu" and "ModelParallel" in strategy_name or accelerator == "cpu" and "FSDP" in strategy_name:
+    sharded = "ModelParallel" in strategy_name or "FSDP" in strategy_name
+    if sharded and accelerator == "cpu":
         raise ConfigError(
             f"trainer=fsdp needs GPUs but trainer.accelerator=cpu; allowed with cpu: trainer=cpu or trainer=ddp_cpu"
         )
-    if "ModelParallel" in strategy_name:
+    if sharded:
         warnings.warn(
             "trainer=fsdp has not passed its one-GPU test: on an H200 (torch 2.11) its first backward hit an illegal "
             "memory access (experiments/README.md, GPU session 15); trainer=ddp and trainer=gpu are the tested GPU "
