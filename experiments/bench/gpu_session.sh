@@ -77,10 +77,11 @@ for warm_batch in 8 16; do
 done
 
 # Limits from the H200 sessions (the logs' times): each job's own run plus a margin.
-# 1. The test suite's GPU tests: FSDP2 step, the CUDA-graph training step against eager steps, bf16 frozen towers,
-#    dtype policy, image features.
-job 60 pytest-gpu "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/train/test_parallel.py \
-    tests/train/test_cuda_graph.py tests/model/test_model_presets.py tests/data/test_image_features.py
+# 1. The test suite's GPU tests: FSDP2 step, the CUDA-graph training step against eager steps (alone, and as
+#    instructblip-train's stage.module.step_mode=cuda_graph), bf16 frozen towers, dtype policy, image features.
+job 90 pytest-gpu "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/train/test_parallel.py \
+    tests/train/test_cuda_graph.py tests/train/test_step_modes.py tests/model/test_model_presets.py \
+    tests/data/test_image_features.py
 #    And the FSDP probe: FSDP2 steps of the tiny model without Lightning, in variants (experiments/fsdp_probe.py).
 job 40 fsdp_probe "$PY" experiments/fsdp_probe.py
 # 2. Training, FlanT5-XL, batch 16/32: ours with every block compiled, the same replayed as one CUDA graph, and

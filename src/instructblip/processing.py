@@ -161,8 +161,9 @@ def _special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
     )
 
 
-def _pad(rows: list[list[int]], value: int, side: str) -> torch.Tensor:
-    width = max((len(r) for r in rows), default=0)
+def _pad(rows: list[list[int]], value: int, side: str, width: int | None = None) -> torch.Tensor:
+    """``rows`` padded with ``value`` on ``side`` to ``width`` (None: the longest row's length)."""
+    width = max((len(r) for r in rows), default=0) if width is None else width
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
@@ -173,8 +174,8 @@ def _pad(rows: list[list[int]], value: int, side: str) -> torch.Tensor:
     return out
 
 
-def _mask(rows: list[list[int]], side: str) -> torch.Tensor:
-    return _pad([[1] * len(r) for r in rows], 0, side)
+def _mask(rows: list[list[int]], side: str, width: int | None = None) -> torch.Tensor:
+    return _pad([[1] * len(r) for r in rows], 0, side, width)
 
 
 class InstructBlipProcessor:
@@ -203,6 +204,8 @@ class InstructBlipProcessor:
         self.max_instruction_length = max_instruction_length
         self.max_target_length = max_target_length
         self.max_qformer_length = max_qformer_length
+        # training batches padded to the longest row (False) or to the maximum lengths (see with_fixed_lengths)
+        self.pads_to_max_length = False
 
         self._prefix, self._suffix = _special_tokens_around(tokenizer)
         if self.tokenizer.eos_token_id is None:
@@ -343,10 +346,35 @@ class InstructBlipProcessor:
 
     # ----------------------------------------------------------------------------------------------- text
 
-    def qformer_batch(self, instructions: Sequence[str]) -> dict[str, torch.Tensor]:
+    def with_fixed_lengths(self, instruction: int, target: int, qformer: int) -> InstructBlipProcessor:
+        """A copy whose training batches all have the same shapes (what a training step replayed as a CUDA graph
+        needs): instructions and the Q-Former text truncated as always, but to these maximum lengths, and every row
+        padded to them instead of to the batch's longest. Generation batches are unchanged."""
+        for name, value in (("instruction", instruction), ("target", target), ("qformer", qformer)):
+            if int(value) < 1:
+                raise ConfigError(f"data.fixed_lengths.{name}={value}; must be >= 1")
+        if int(target) <= len(self._prefix):
+            raise ConfigError(f"data.fixed_lengths.target={target}; must exceed the {len(self._prefix)} BOS "
+                              "position(s) it is counted with")
+        fixed = copy.copy(self)
+        fixed.max_instruction_length, fixed.max_target_length = int(instruction), int(target)
+        fixed.max_qformer_length, fixed.pads_to_max_length = int(qformer), True
+        return fixed
+
+    def training_lengths(self) -> dict[str, int]:
+        """The fixed text widths of training batches (``with_fixed_lengths``): the Q-Former's, the LLM input's and,
+        for T5, the labels'. A decoder-only row is the instruction (BOS included) then the answer and EOS, which
+        share ``max_target_length`` with the BOS LAVIS counts (see ``_target_rows``)."""
+        if self.llm_kind == "decoder_only":
+            text = self.max_instruction_length + self.max_target_length - len(self._prefix)
+            return {"qformer": self.max_qformer_length, "text": text}
+        return {"qformer": self.max_qformer_length, "text": self.max_instruction_length,
+                "labels": self.max_target_length}
+
+    def qformer_batch(self, instructions: Sequence[str], pad_to_max_length: bool = False) -> dict[str, torch.Tensor]:
         encoded = self.qformer_tokenizer(
             list(instructions),
-            padding="longest",
+            padding="max_length" if pad_to_max_length else "longest",
             truncation=True,
             max_length=self.max_qformer_length,
             return_token_type_ids=False,
@@ -390,22 +418,24 @@ class InstructBlipProcessor:
         """The batch whose loss trains the model (answer tokens and EOS only carry labels)."""
         if len(instructions) != len(targets):
             raise DataError(f"{len(instructions)} instructions but {len(targets)} targets")
-        batch = self.qformer_batch(instructions)
+        batch = self.qformer_batch(instructions, pad_to_max_length=self.pads_to_max_length)
         if images is not None:
             batch["pixel_values"] = self.pixel_values(images, train=train_transform)
         instruction_rows = self._instruction_rows(instructions, self.max_instruction_length)
         target_rows = self._target_rows(targets)
+        widths = self.training_lengths() if self.pads_to_max_length else {}
+        text_width, label_width = widths.get("text"), widths.get("labels")
         if self.llm_kind == "decoder_only":
             rows = [i + t for i, t in zip(instruction_rows, target_rows)]
             label_rows = [[-100] * len(i) + t for i, t in zip(instruction_rows, target_rows)]
-            batch["input_ids"] = _pad(rows, self.pad_token_id, "right")
-            batch["attention_mask"] = _mask(rows, "right")
-            batch["labels"] = _pad(label_rows, -100, "right")
+            batch["input_ids"] = _pad(rows, self.pad_token_id, "right", text_width)
+            batch["attention_mask"] = _mask(rows, "right", text_width)
+            batch["labels"] = _pad(label_rows, -100, "right", text_width)
         else:
-            batch["input_ids"] = _pad(instruction_rows, self.pad_token_id, "right")
-            batch["attention_mask"] = _mask(instruction_rows, "right")
-            batch["labels"] = _pad(target_rows, -100, "right")
-            batch["decoder_attention_mask"] = _mask(target_rows, "right")
+            batch["input_ids"] = _pad(instruction_rows, self.pad_token_id, "right", text_width)
+            batch["attention_mask"] = _mask(instruction_rows, "right", text_width)
+            batch["labels"] = _pad(target_rows, -100, "right", label_width)
+            batch["decoder_attention_mask"] = _mask(target_rows, "right", label_width)
         return batch
 
     def generation_batch(

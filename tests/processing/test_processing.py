@@ -266,3 +266,43 @@ def test_decode_skips_special_tokens_and_strips(vicuna, vicuna_tokenizer):
     ids = vicuna_tokenizer(["a red square", "three"], padding="longest")["input_ids"]
     ids = [row + [vicuna_tokenizer.eos_token_id, vicuna_tokenizer.pad_token_id] for row in ids]
     assert vicuna.decode(torch.tensor(ids)) == ["a red square", "three"]
+
+
+# --------------------------------------------------------------------------------------------------- fixed lengths
+
+
+@pytest.mark.parametrize("kind", ["vicuna", "t5"])
+def test_fixed_lengths_give_one_shape_with_the_rows_of_longest_padding(kind, request):
+    """``with_fixed_lengths``: every training batch has the same shapes (a CUDA-graph step replays one), holding the
+    rows of the usual batch, truncated to the fixed lengths, then padding."""
+    processor = request.getfixturevalue(kind)
+    fixed = processor.with_fixed_lengths(instruction=24, target=8, qformer=20)
+    widths = fixed.training_lengths()
+    batches = [
+        (["what is in the image?", "how many?"], ["a red square", "three"]),
+        (["describe the picture briefly. " * 3], ["a red square next to a blue circle and a kite " * 2]),
+    ]
+    for instructions, targets in batches:
+        batch = fixed.training_batch(None, instructions, targets)
+        assert batch["qformer_input_ids"].shape[1] == widths["qformer"] == 20
+        assert batch["input_ids"].shape[1] == batch["attention_mask"].shape[1] == widths["text"]
+        assert batch["labels"].shape[1] == widths.get("labels", widths["text"])
+        # the same rows as the longest-padded batch of a processor truncating at these lengths
+        truncating = processor.with_fixed_lengths(instruction=24, target=8, qformer=20)
+        truncating.pads_to_max_length = False
+        usual = truncating.training_batch(None, instructions, targets)
+        for key, value in usual.items():
+            width = value.shape[1]
+            assert torch.equal(batch[key][:, :width], value), key
+            pad = {"labels": -100, "input_ids": processor.pad_token_id}.get(key, 0)
+            assert (batch[key][:, width:] == pad).all(), key
+    # the decoder-only text row: instruction (BOS included) up to 24, answer + EOS up to 8 - BOS
+    assert widths["text"] == (24 + 8 - 1 if kind == "vicuna" else 24)
+    assert processor.pads_to_max_length is False and processor.max_instruction_length == 128  # a copy
+
+
+def test_fixed_lengths_refuse_impossible_values(vicuna):
+    with pytest.raises(ConfigError, match=r"data.fixed_lengths.qformer=0; must be >= 1"):
+        vicuna.with_fixed_lengths(instruction=16, target=8, qformer=0)
+    with pytest.raises(ConfigError, match=r"data.fixed_lengths.target=1; must exceed the 1 BOS"):
+        vicuna.with_fixed_lengths(instruction=16, target=1, qformer=16)

@@ -18,10 +18,11 @@ What it asks of the step:
   run on the first batch and skip their updates, so they train nothing;
 * a fused optimizer: a step with a non-finite loss or gradient is skipped through its ``found_inf`` flag.
 
-Dropout draws new numbers at each replay (the CUDA generator advances its offset per replay). Gradient clipping is
-not part of the captured step (the paper's recipes do not clip); it is used by
-``experiments/bench/train_throughput.py`` (side ``ours_graphed``) and by hand-written loops, not yet by
-``instructblip-train``.
+Dropout draws new numbers at each replay (the CUDA generator advances its offset per replay; a ``torch.manual_seed``
+before a replay is honoured). ``max_grad_norm`` clips the gradients by their global norm inside the step (the norm
+the non-finite test takes anyway). Used by ``instructblip-train`` with ``stage.module.step_mode=cuda_graph``
+(:class:`instructblip.train.module.InstructBlipModule`), by ``experiments/bench/train_throughput.py`` (side
+``ours_graphed``) and by hand-written loops.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class CudaGraphTrainStep:
     flag the step sets, as under a gradient scaler, and leaves the weights, moments and step count as they were;
     ``skipped_steps`` (a tensor on the step's device, read it when you log) counts them. The warm-up steps set the
     flag too, so they run every kernel of the step without training. ``capture=False`` runs the same step eagerly,
-    on any device (for debugging, and to check a graph against).
+    on any device (for debugging, and to check a graph against). ``max_grad_norm``: clip the gradients to this global
+    norm before the optimizer step (None: no clipping).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class CudaGraphTrainStep:
         autocast_dtype: torch.dtype | None = torch.bfloat16,
         warmup_steps: int = 3,
         capture: bool = True,
+        max_grad_norm: float | None = None,
     ):
         not_capturable = [i for i, group in enumerate(optimizer.param_groups) if not group.get("capturable", False)]
         if capture and not_capturable:
@@ -98,12 +101,15 @@ class CudaGraphTrainStep:
                 "CudaGraphTrainStep needs a fused optimizer (fused=True): only the fused step reads the found_inf "
                 "flag that skips a non-finite step"
             )
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm={max_grad_norm}; expected a number > 0, or None for no clipping")
         if capture and warmup_steps < 1:
             raise ConfigError(f"warmup_steps={warmup_steps}; expected at least 1 (a step before the capture)")
         self.model, self.optimizer = model, optimizer
         self.forward_kwargs = dict(forward_kwargs or {})
         self.autocast_dtype = autocast_dtype
         self.capture = capture
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         device = batch["input_ids"].device
         self.skipped_steps = torch.zeros((), dtype=torch.long, device=device)
         self._warming_up = torch.ones((), device=device)
@@ -136,8 +142,11 @@ class CudaGraphTrainStep:
             output = self.model(**inputs, **self.forward_kwargs)
         output.loss.backward()
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        finite = torch.isfinite(output.loss.detach()) & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        norm = torch.nn.utils.get_total_norm(grads)
+        finite = torch.isfinite(output.loss.detach()) & torch.isfinite(norm)
         self.skipped_steps.add_((~finite).long() * (1 - self._warming_up.long()))
+        if self.max_grad_norm is not None:  # on the device, no host read: the scale factor is clamped there
+            torch.nn.utils.clip_grads_with_norm_(grads, self.max_grad_norm, norm)
         self.optimizer.found_inf.copy_(torch.maximum((~finite).float(), self._warming_up))
         self.optimizer.step()
         per_sample = getattr(output, "per_sample_loss", None)

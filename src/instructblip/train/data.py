@@ -351,6 +351,26 @@ def check_image_features(image_features: str | None, augment: bool, collate: str
                           "trains on pixel_values)")
 
 
+FIXED_LENGTH_KEYS = ("instruction", "target", "qformer")
+
+
+def check_fixed_lengths(fixed_lengths: dict[str, int] | None, collate: str) -> dict[str, int] | None:
+    """``data.fixed_lengths``: None, or a positive token count for each of instruction, target and qformer."""
+    if fixed_lengths is None:
+        return None
+    given = dict(fixed_lengths)
+    if sorted(given) != sorted(FIXED_LENGTH_KEYS):
+        raise ConfigError(f"data.fixed_lengths has keys {sorted(given)}; expected exactly "
+                          f"{', '.join(FIXED_LENGTH_KEYS)} (token counts), or null")
+    bad = {k: v for k, v in given.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
+    if bad:
+        raise ConfigError(f"data.fixed_lengths: {bad} must be positive integers (token counts)")
+    if collate != "instruction":
+        raise ConfigError(f"data.fixed_lengths is set but data.collate={collate!r}; fixed lengths apply to the "
+                          "instruction collate only")
+    return given
+
+
 class InstructBlipDataModule(pl.LightningDataModule):
     """The training mixture and the held-in validation split for one stage.
 
@@ -365,7 +385,9 @@ class InstructBlipDataModule(pl.LightningDataModule):
     global stream, see :class:`~instructblip.data.length_grouping.LengthGroupedBatchSampler`); the same samples,
     the same mixture, the same resume and DDP layout, less padding. ``image_features``: a directory written by
     ``python -m instructblip.data.features`` for these training shards; needs ``augment=false`` and the
-    ``instruction`` collate.
+    ``instruction`` collate. ``fixed_lengths``: ``{instruction, target, qformer}`` token counts: every training
+    batch is truncated to and padded to them (``InstructBlipProcessor.with_fixed_lengths``), so all have one shape,
+    as ``stage.module.step_mode=cuda_graph`` needs; ``instruction`` collate only.
     """
 
     def __init__(
@@ -388,9 +410,11 @@ class InstructBlipDataModule(pl.LightningDataModule):
         group_by_length: bool = False,
         length_window_batches: int = 64,
         image_features: str | None = None,
+        fixed_lengths: dict[str, int] | None = None,
     ):
         super().__init__()
         check_image_features(image_features, augment, collate)
+        self.fixed_lengths = check_fixed_lengths(fixed_lengths, collate)
         if int(length_window_batches) < 1:
             raise ConfigError(f"data.length_window_batches={length_window_batches}; must be >= 1")
         if examples not in EXAMPLE_BUILDERS:
@@ -506,9 +530,12 @@ class InstructBlipDataModule(pl.LightningDataModule):
             )
         else:
             sampler = GlobalBatchSampler(self.batch_size, rank, world_size, self.batches_consumed, remaining)
+        processor = self.processor
+        if self.fixed_lengths is not None:
+            processor = processor.with_fixed_lengths(**self.fixed_lengths)
         collate = (
-            CaptionCollate(self.processor, self.seed, self.max_text_length, train=self.augment)
-            if self.collate == "caption" else InstructionCollate(self.processor, self.seed, train=self.augment)
+            CaptionCollate(processor, self.seed, self.max_text_length, train=self.augment)
+            if self.collate == "caption" else InstructionCollate(processor, self.seed, train=self.augment)
         )
         return DataLoader(
             samples, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,

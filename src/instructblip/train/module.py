@@ -12,6 +12,17 @@ scheduler, loop counters and the DataModule's data position; :meth:`on_save_chec
 
 Determinism: dropout draws its randomness from a seed derived from the first sample index of the micro-batch, so a
 micro-batch trains the same way on one process with accumulation, on any rank of a DDP group, and after a resume.
+
+``step_mode``: ``automatic`` is Lightning's loop (forward, backward, the non-finite guard and clipping in its hooks,
+the optimizer step). ``cuda_graph`` runs the whole step, optimizer included, as one CUDA graph captured at the
+first training step and replayed (:class:`~instructblip.train.cuda_graph.CudaGraphTrainStep`; over compiled blocks
+the benchmark measured 2.4x / 1.7x the samples/s of transformers compiled at batch 8 / 16, Vicuna-7B, H200):
+training_step replays it, and the
+``optimizer_step`` hook only runs training_step, so Lightning still counts the step, steps the schedule (the
+learning rates become tensors on the device, updated in place) and saves the optimizer. ``manual`` is the same step
+without the graph, on any device: it tells a capture problem from a step problem. Both need one device, batches of
+one shape (``data.fixed_lengths``) and no gradient accumulation (``validate.check_step_mode``); the non-finite guard
+and clipping (``trainer.gradient_clip_val``) run inside the step.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from torch import nn
 
 from instructblip.errors import CheckpointError, ConfigError, InstructBlipError
 from instructblip.train.data import position_seed
-from instructblip.train.validate import COMPILE_SCOPES, LOSS_WEIGHTINGS
+from instructblip.train.validate import COMPILE_SCOPES, LOSS_WEIGHTINGS, STEP_MODES
 
 BOOKKEEPING_KEYS = ("dataset", "sample_index")
 
@@ -129,6 +140,7 @@ class InstructBlipModule(pl.LightningModule):
         compile_scope: str = "blocks",
         frozen_llm_dropout: bool = True,
         loss_weighting: str = "token",
+        step_mode: str = "automatic",
     ):
         super().__init__()
         self.model_factory = model
@@ -147,6 +159,11 @@ class InstructBlipModule(pl.LightningModule):
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ConfigError(f"stage.module.loss_weighting={loss_weighting!r}; allowed: {', '.join(LOSS_WEIGHTINGS)}")
         self.loss_weighting = loss_weighting
+        if step_mode not in STEP_MODES:
+            raise ConfigError(f"stage.module.step_mode={step_mode!r}; allowed: {', '.join(STEP_MODES)}")
+        self.step_mode = step_mode
+        self._whole_step = None  # the CudaGraphTrainStep of step_mode cuda_graph|manual, built at the first step
+        self._skipped_before_whole_step = 0  # non-finite skips counted before it was built (a resumed run's)
         # True: inductor; a string names another torch.compile backend ("aot_eager" checks the wrapping on a CPU)
         self.compile_backend = ("inductor" if compile is True else compile) or None
         # blocks: each transformer block its own graph (seconds to compile, FSDP-friendly); whole: the model's forward
@@ -214,6 +231,8 @@ class InstructBlipModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         # Lightning warns about modules left in eval mode at the start of fit: ours are the frozen towers, on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", module="lightning")
+        # the whole-step modes train inside training_step and return nothing for Lightning to backpropagate
+        warnings.filterwarnings("ignore", message="`training_step` returned `None`", module="lightning")
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -221,7 +240,8 @@ class InstructBlipModule(pl.LightningModule):
         return self
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.model.named_parameters())
+        extra = {"capturable": True} if self.step_mode == "cuda_graph" else {}
+        optimizer = self.optimizer_factory(self.model.named_parameters(), **extra)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -245,21 +265,79 @@ class InstructBlipModule(pl.LightningModule):
         datamodule = self.trainer.datamodule
         if datamodule is not None:  # the data position the checkpoint saves: this micro-batch is consumed
             datamodule.batches_consumed += 1
-        torch.manual_seed(position_seed(self.seed, int(batch["sample_index"][0]), "dropout"))
-        loss, per_sample = self.compute_loss(batch)
-        if not torch.isfinite(loss.detach()):
-            self.nonfinite_in_window = True
+        seed = position_seed(self.seed, int(batch["sample_index"][0]), "dropout")
+        torch.manual_seed(seed)
+        if self.step_mode == "automatic":
+            loss, per_sample = self.compute_loss(batch)
+            if not torch.isfinite(loss.detach()):
+                self.nonfinite_in_window = True
+        else:
+            loss, per_sample = self._run_whole_step(batch, seed)
+        self._log_step(batch, loss, per_sample)
+        # the whole step has trained already: nothing for Lightning to backpropagate
+        return loss if self.step_mode == "automatic" else None
+
+    def _run_whole_step(self, batch: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """step_mode cuda_graph|manual: one whole step (forward, backward, non-finite skip, clipping, optimizer) on
+        the batch; (loss, per-sample loss), copied out of the graph's buffers."""
+        inputs = self._model_inputs(batch)
+        if self._whole_step is None:
+            self._whole_step = self._build_whole_step(inputs)
+            torch.manual_seed(seed)  # the warm-up and the capture drew numbers; this step starts where any other does
+        step = self._whole_step
+        loss = step(inputs).clone()
+        per_sample = None if step.per_sample_loss is None else step.per_sample_loss.clone()
+        skipped = int(step.skipped_steps) + self._skipped_before_whole_step  # one host read per step
+        self._count_nonfinite(bad=skipped > self.nonfinite_skipped)
+        return loss, per_sample
+
+    def _build_whole_step(self, inputs: dict):
+        from instructblip.train.cuda_graph import CudaGraphTrainStep
+
+        optimizer = self.trainer.optimizers[0]
+        device = inputs["input_ids"].device
+        # the graph reads the learning rate from memory: tensors on the device, which torch's schedulers fill in place
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        precision = str(self.trainer.precision)
+        self._skipped_before_whole_step = self.nonfinite_skipped  # restored from a checkpoint, or 0
+        return CudaGraphTrainStep(
+            self.model, optimizer, inputs, {"return_logits": False},
+            autocast_dtype=torch.bfloat16 if precision.startswith("bf16") else None,
+            capture=self.step_mode == "cuda_graph", max_grad_norm=self.trainer.gradient_clip_val,
+        )
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        if self.step_mode == "automatic":
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+            return
+        # training_step runs the whole step, the optimizer's included; Lightning counts it and steps the schedule
+        optimizer_closure()
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        if self.step_mode == "automatic":  # the whole step zeroes its own gradients
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
+    def on_train_start(self) -> None:
+        if self.step_mode == "automatic":  # a checkpoint of a whole-step run holds tensor learning rates
+            for optimizer in self.trainer.optimizers:
+                for group in optimizer.param_groups:
+                    if isinstance(group["lr"], torch.Tensor):
+                        group["lr"] = float(group["lr"])
+
+    def _log_step(self, batch: dict, loss: torch.Tensor, per_sample: torch.Tensor | None) -> None:
         names = batch["dataset"]
         self.samples_seen.update(names)
         self.log("train/loss", loss.detach().float(), on_step=True, prog_bar=True, batch_size=len(names))
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, batch_size=len(names))
+        lr = self.optimizers().param_groups[0]["lr"]
+        # a tensor rate (whole-step modes) is filled in place by the schedule: log this step's value
+        self.log("train/lr", float(lr), on_step=True, batch_size=len(names))
         if per_sample is not None:
             for name in sorted(set(names)):
                 rows = torch.tensor([n == name for n in names], device=per_sample.device)
                 self.log(f"train/loss/{name}", per_sample[rows].mean(), on_step=True, batch_size=int(rows.sum()))
         if self.trainer._logger_connector.should_update_logs:
             self._log_counts()
-        return loss
 
     def _log_counts(self) -> None:
         """Samples seen and skipped (per reason), summed over ranks; only on logging steps (it syncs). Every rank
@@ -291,12 +369,17 @@ class InstructBlipModule(pl.LightningModule):
         bad = self.nonfinite_in_window or (self._grad_norm is not None and not bool(torch.isfinite(self._grad_norm)))
         bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         self.nonfinite_in_window = False
+        if bad:
+            # AdamW leaves a parameter whose grad is None untouched (no moment or step-count update): a true skip.
+            for param in self.parameters():
+                param.grad = None
+        self._count_nonfinite(bad)
+
+    def _count_nonfinite(self, bad: bool) -> None:
+        """Counts a skipped step; too many in a row stop the run."""
         if not bad:
             self.nonfinite_in_a_row = 0
             return
-        # AdamW leaves a parameter whose grad is None untouched (no moment or step-count update): a true skip.
-        for param in self.parameters():
-            param.grad = None
         self.nonfinite_skipped += 1
         self.nonfinite_in_a_row += 1
         if self.nonfinite_in_a_row > self.max_consecutive_nonfinite:

@@ -59,6 +59,9 @@ def check_overrides(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> None
 # the allowed values of two InstructBlipModule arguments, here so that the config check needs no Lightning import
 COMPILE_SCOPES = ("blocks", "whole")
 LOSS_WEIGHTINGS = ("token", "sample")
+# automatic: Lightning's loop (forward, backward, clipping, optimizer step); cuda_graph: the whole step captured once
+# as a CUDA graph and replayed (instructblip.train.cuda_graph); manual: that same step run eagerly, on any device
+STEP_MODES = ("automatic", "cuda_graph", "manual")
 
 Check = tuple[str, type | tuple[type, ...], Callable[[Any], bool] | None, str]
 
@@ -88,6 +91,8 @@ CHECKS: list[Check] = [
     # stage 1 has no loss weighting (its losses are BLIP-2's three)
     ("stage.module.loss_weighting", (str, type(None)), lambda v: v is None or v in LOSS_WEIGHTINGS,
      ", ".join(LOSS_WEIGHTINGS)),
+    # stage 1 has no step mode (its step is Lightning's)
+    ("stage.module.step_mode", (str, type(None)), lambda v: v is None or v in STEP_MODES, ", ".join(STEP_MODES)),
 ]
 
 STAGES = ("blip2_stage1", "blip2_stage2", "instruction_tuning", "finetune")
@@ -139,8 +144,49 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"data.examples=caption with stage={stage}; allowed: instruction")
     if stage == "blip2_stage1" and OmegaConf.select(cfg, "data.collate") != "caption":
         raise ConfigError("stage=blip2_stage1 trains on captions through the Q-Former only; data.collate must be caption")
-    from instructblip.train.data import check_image_features
+    from instructblip.train.data import check_fixed_lengths, check_image_features
 
     select = lambda key, default=None: OmegaConf.select(cfg, key, default=default)  # noqa: E731
     check_image_features(select("data.image_features"), select("data.augment", True),
                          select("data.collate", "instruction"))
+    check_fixed_lengths(select("data.fixed_lengths"), select("data.collate", "instruction"))
+    check_step_mode(cfg, strategy_name)
+
+
+def check_step_mode(cfg: DictConfig, strategy_name: str) -> None:
+    """What ``stage.module.step_mode=cuda_graph|manual`` (one step, optimizer included, outside Lightning's loop)
+    can run with; each refusal names the key and what works."""
+    select = lambda key, default=None: OmegaConf.select(cfg, key, default=default)  # noqa: E731
+    mode = select("stage.module.step_mode") or "automatic"
+    if mode == "automatic":
+        return
+    key = f"stage.module.step_mode={mode}"
+    single = strategy_name in ("auto", "single_device") and select("trainer.devices") in (1, "1") \
+        and select("trainer.num_nodes", 1) == 1
+    if not single:
+        raise ConfigError(f"{key} runs on one device (trainer.devices=1, strategy auto); got trainer.strategy="
+                          f"{strategy_name} trainer.devices={select('trainer.devices')}: use trainer=gpu or "
+                          "trainer=cpu, or stage.module.step_mode=automatic")
+    if select("trainer.accumulate_grad_batches") != 1:
+        raise ConfigError(f"{key} steps the optimizer on every micro-batch; trainer.accumulate_grad_batches="
+                          f"{select('trainer.accumulate_grad_batches')} needs stage.module.step_mode=automatic")
+    if str(select("trainer.precision")) not in ("32", "32-true", "bf16-mixed"):
+        raise ConfigError(f"{key}: trainer.precision={select('trainer.precision')}; allowed: 32-true, bf16-mixed")
+    if select("stage.module.loss_weighting", "token") != "token":
+        raise ConfigError(f"{key} takes the model's token-mean loss; stage.module.loss_weighting="
+                          f"{select('stage.module.loss_weighting')} needs stage.module.step_mode=automatic")
+    if select("trainer.gradient_clip_algorithm", "norm") != "norm":
+        raise ConfigError(f"{key} clips by the global norm only; trainer.gradient_clip_algorithm="
+                          f"{select('trainer.gradient_clip_algorithm')}; allowed: norm")
+    if select("model.overrides.pack_sequences", False):
+        raise ConfigError(f"{key}: model.overrides.pack_sequences=true reads the sample lengths on the host, which "
+                          "a captured step cannot; allowed: false")
+    if select("stage.module.compile") and select("stage.module.compile_scope") == "whole":
+        raise ConfigError(f"{key} with stage.module.compile_scope=whole is untested; allowed: blocks")
+    if mode == "cuda_graph":
+        if str(select("trainer.accelerator")) not in ("gpu", "cuda"):
+            raise ConfigError(f"{key} needs a GPU (trainer.accelerator={select('trainer.accelerator')}); use "
+                              "trainer=gpu, or stage.module.step_mode=manual (the same step without the graph)")
+        if select("data.fixed_lengths") is None:
+            raise ConfigError(f"{key} replays one captured shape: set data.fixed_lengths="
+                              "{instruction: N, target: N, qformer: N} (token counts every batch is padded to)")
