@@ -159,19 +159,19 @@ def test_step_modes_refuse_what_they_cannot_run(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_step_mode_trains_like_the_manual_step(tiny_checkpoint, generated_data, tmp_path):
-    """On a GPU, through instructblip-train's module: the captured and replayed step gives the eager step's losses,
-    learning rates and weights (fp32, so that only the graph differs)."""
+    """On a GPU, through instructblip-train's module (bf16-mixed, frozen towers in bf16, as trainer=gpu trains): the
+    captured and replayed step gives the eager step's losses, learning rates and weights. The same kernels run in
+    both, and dropout draws the same numbers (each step reseeded; a replay reads the generator's seed and offset)."""
     runs = {}
     for mode in ("manual", "cuda_graph"):
         module, datamodule, trainer, record = build(tiny_checkpoint, generated_data, tmp_path / mode, 5,
-                                                    f"stage.module.step_mode={mode}", "trainer=gpu",
-                                                    "trainer.precision=32-true")
+                                                    f"stage.module.step_mode={mode}", "trainer=gpu")
         trainer.fit(module, datamodule=datamodule)
         runs[mode] = (module, trainer, record)
     (_, _, eager), (module, trainer, graphed) = runs["manual"], runs["cuda_graph"]
     assert trainer.global_step == 5 and module._whole_step.capture
     assert graphed.lrs == pytest.approx(eager.lrs, rel=1e-6)
-    assert graphed.losses == pytest.approx(eager.losses, rel=1e-4)
+    assert graphed.losses == pytest.approx(eager.losses, rel=1e-3) and len(set(eager.losses)) == 5
     for ours, theirs in zip(graphed.weights, eager.weights):
         for name in theirs:
-            torch.testing.assert_close(ours[name], theirs[name], rtol=1e-3, atol=1e-5, msg=name)
+            torch.testing.assert_close(ours[name], theirs[name], rtol=1e-3, atol=1e-4, msg=name)
