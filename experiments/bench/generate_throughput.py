@@ -13,11 +13,18 @@ prefill, as a user's generate call does.
 ``cache_implementation="static"``, which compiles its forward on CUDA, greedy only; ours, greedy and beam search
 of decoder-only LLMs: ``decoding_options`` cache="static", compile=True).
 
+``--graphed`` (GPU, greedy, decoder-only): ours' whole decode step (token choice and forward) captured once as a
+CUDA graph and replayed per token (``decoding_options`` cache="static", step="graphed"; side
+``ours_static_graphed``), and the same over a ``torch.compile``d forward (``ours_static_compiled_graphed``).
+``--fixed`` (any device): that step without the graph (step="fixed"; side ``ours_static_fixed``).
+
 Prints one JSON object: new tokens per second of each side (from CPU time on a CPU, wall time on a GPU), median
 wall and CPU seconds per call, and the ratios.
 
     python experiments/bench/generate_throughput.py --size cpu --batch-sizes 1,8
     python experiments/bench/generate_throughput.py --size released --device cuda --batch-sizes 1,16,64 --static
+    python experiments/bench/generate_throughput.py --size released --device cuda --batch-sizes 1,16 --modes greedy \
+        --static --graphed
 """
 
 from __future__ import annotations
@@ -65,6 +72,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--static", action="store_true", help="also time static caches with compiled decode steps")
+    parser.add_argument("--graphed", action="store_true",
+                        help="greedy, CUDA: also time ours' decode step replayed as a CUDA graph (eager, compiled)")
+    parser.add_argument("--fixed", action="store_true", help="greedy: also time ours' fixed-shape decode step")
     args = parser.parse_args()
     setup_device(args.device, args.threads)
 
@@ -104,6 +114,12 @@ def main() -> None:
                 sides["ours_static_compiled"] = lambda: ours({"cache": "static", "compile": True})
                 if mode == "greedy":  # transformers' beam search reorders a static cache by rebinding its tensors
                     sides["transformers_static_compiled"] = lambda: theirs(cache_implementation="static")
+            if mode == "greedy" and args.fixed:
+                sides["ours_static_fixed"] = lambda: ours({"cache": "static", "step": "fixed"})
+            if mode == "greedy" and args.graphed:
+                sides["ours_static_graphed"] = lambda: ours({"cache": "static", "step": "graphed"})
+                sides["ours_static_compiled_graphed"] = lambda: ours(
+                    {"cache": "static", "step": "graphed", "compile": True})
             reference = theirs().cpu()
             row = dict(batch=batch_size, mode=mode, beams=beams, ours_path=ours_path(pair, settings), sides={})
             print(f"batch {batch_size} {mode}:", file=sys.stderr, flush=True)
@@ -127,6 +143,12 @@ def main() -> None:
                 ("ours", "transformers", "ours_vs_transformers"),
                 ("ours_static_compiled", "transformers_static_compiled", "ours_static_vs_transformers_static"),
                 ("ours_static_compiled", "transformers", "ours_static_vs_transformers"),
+                ("ours_static_fixed", "transformers", "ours_fixed_vs_transformers"),
+                ("ours_static_graphed", "transformers", "ours_graphed_vs_transformers"),
+                ("ours_static_graphed", "transformers_static_compiled", "ours_graphed_vs_transformers_static"),
+                ("ours_static_compiled_graphed", "transformers", "ours_compiled_graphed_vs_transformers"),
+                ("ours_static_compiled_graphed", "transformers_static_compiled",
+                 "ours_compiled_graphed_vs_transformers_static"),
             ):
                 if mine in speed and theirs_name in speed:
                     row[key] = speed[mine] / speed[theirs_name]

@@ -78,12 +78,18 @@ done
 
 # Limits from the H200 sessions (the logs' times): each job's own run plus a margin.
 # 1. The test suite's GPU tests: FSDP2 step, the CUDA-graph training step against eager steps (alone, and as
-#    instructblip-train's stage.module.step_mode=cuda_graph), bf16 frozen towers, dtype policy, image features.
-job 90 pytest-gpu "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/train/test_parallel.py \
-    tests/train/test_cuda_graph.py tests/train/test_step_modes.py tests/model/test_model_presets.py \
-    tests/data/test_image_features.py
+#    instructblip-train's stage.module.step_mode=cuda_graph), bf16 frozen towers, dtype policy, image features; then
+#    (a second pytest: tests/model and tests/train each have a conftest module) the graphed greedy decode step.
+job 100 pytest-gpu bash -c "'$PY' -m pytest -m gpu -q -p no:cacheprovider tests/train/test_parallel.py \
+    tests/train/test_cuda_graph.py tests/train/test_step_modes.py tests/data/test_image_features.py; \
+    '$PY' -m pytest -m gpu -q -p no:cacheprovider tests/model/test_model_presets.py tests/model/test_speed_levers.py"
 #    And the FSDP probe: FSDP2 steps of the tiny model without Lightning, in variants (experiments/fsdp_probe.py).
 job 40 fsdp_probe "$PY" experiments/fsdp_probe.py
+# 1b. Greedy generation, Vicuna-7B, batch 1 and 16 (issue 7: 250 and 3500 tokens/s): ours' whole decode step
+#    replayed as one CUDA graph, over the eager forward and over a compiled one (30-40 s to compile), against
+#    transformers' generate and ours' loop (dynamic caches).
+job 120 generate_throughput-$SIZE-llama-$DEVICE-graphed $(bench generate_throughput.py) --size $SIZE --llm llama \
+    --device $DEVICE --batch-sizes 1,16 --modes greedy --graphed --warmup 1 --repeats 3
 # 2. Training, FlanT5-XL, batch 16/32: ours with every block compiled, the same replayed as one CUDA graph, and
 #    transformers as it is (issue 7 asks utilisation 0.35 for FlanT5-XL; eager reached 0.12 on the H100).
 job 120 train_throughput-$SIZE-t5-$DEVICE-compiled $(bench train_throughput.py) --size $SIZE --llm t5 \
@@ -109,7 +115,4 @@ job 160 generate_throughput-$SIZE-llama-$DEVICE-static env TORCH_LOGS=perf_hints
 job 160 train_throughput-$SIZE-llama-$DEVICE $(bench train_throughput.py) --size $SIZE --llm llama \
     --device $DEVICE --batch-sizes 8,16,32 --sides ours_graphed,ours,transformers --warmup 3 --repeats 5 \
     --peak-tflops "$PEAK" --profile
-# 6. Generation at batch 16, greedy, with what is left.
-job 150 generate_throughput-$SIZE-llama-$DEVICE-static-b16 $(bench generate_throughput.py) --size $SIZE \
-    --llm llama --device $DEVICE --batch-sizes 16 --modes greedy --static --warmup 1 --repeats 3
 echo "== session done in ${SECONDS}s" | tee -a "$LOG"

@@ -84,23 +84,30 @@ def lean_only(our_models, monkeypatch):
     model.llm.decoding_options = {}
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_greedy_loop_gives_transformers_token_ids(cache, lean_only, hf_models, images):
-    """Left-padded prompts of different lengths, repetition penalty over prompt and answer, a minimum length."""
+GREEDY_OPTIONS = [{"cache": "dynamic"}, {"cache": "static"}, {"cache": "static", "step": "fixed"}]
+
+
+@pytest.mark.parametrize("options", GREEDY_OPTIONS, ids=lambda o: "-".join(o.values()))
+def test_greedy_loop_gives_transformers_token_ids(options, lean_only, hf_models, images):
+    """Left-padded prompts of different lengths, repetition penalty over prompt and answer, a minimum length; a
+    second call of the same shapes (another prompt order: the fixed step reuses its buffers and cache)."""
     ours, hf = lean_only, hf_models["llama"]
-    ours.llm.decoding_options = {"cache": cache}
-    batch = ours.processor.generation_batch(images, PROMPTS)
-    assert batch["attention_mask"].min() == 0
+    ours.llm.decoding_options = dict(options)
     settings = dict(num_beams=1, max_new_tokens=10, min_new_tokens=3, repetition_penalty=1.4)
     eos, pad = ours.processor.tokenizer.eos_token_id, ours.processor.pad_token_id
-    actual = ours.generate_ids(batch, **settings)
-    expected = _transformers_greedy(ours, hf, batch, eos_token_id=eos, pad_token_id=pad, **settings)
-    assert actual.tolist() == expected.tolist()
+    for prompts in (PROMPTS, PROMPTS[::-1]):
+        batch = ours.processor.generation_batch(images, prompts)
+        assert batch["attention_mask"].min() == 0
+        actual = ours.generate_ids(batch, **settings)
+        expected = _transformers_greedy(ours, hf, batch, eos_token_id=eos, pad_token_id=pad, **settings)
+        assert actual.tolist() == expected.tolist()
 
 
-def test_greedy_loop_stops_and_pads_like_transformers(lean_only, hf_models, images):
+@pytest.mark.parametrize("options", GREEDY_OPTIONS, ids=lambda o: "-".join(o.values()))
+def test_greedy_loop_stops_and_pads_like_transformers(options, lean_only, hf_models, images):
     """An EOS that rows reach at different steps: finished rows get the pad id, the loop stops when all are done."""
     ours, hf = lean_only, hf_models["llama"]
+    ours.llm.decoding_options = dict(options)
     batch = ours.processor.generation_batch(images, PROMPTS)
     pad = ours.processor.pad_token_id
     free = ours.generate_ids(batch, num_beams=1, max_new_tokens=8, min_new_tokens=0, repetition_penalty=1.0)
@@ -308,3 +315,57 @@ def test_training_step_reads_nothing_on_the_host_in_its_fixed_shape_form(fixed, 
         assert mode.found == []
     else:
         assert "aten.index.Tensor" in mode.found or "aten.nonzero.default" in mode.found
+
+
+def test_fixed_decode_step_reads_nothing_on_the_host(lean_only, images, monkeypatch):
+    """The greedy decode step that ``step="graphed"`` captures (choice, bookkeeping, the token's forward), as a
+    capture sees it: no op may need tensor values on the host. The loop's own stop test does (``all_finished``),
+    which shows the check can fail."""
+    ours = lean_only
+    ours.llm.decoding_options = {"cache": "static", "step": "fixed"}
+    batch = ours.processor.generation_batch(images, PROMPTS)
+    settings = dict(num_beams=1, max_new_tokens=6, min_new_tokens=2, repetition_penalty=1.3)
+    ours.generate_ids(batch, **settings)  # builds the decoder (and its prefilled cache) for these shapes
+    decoder = ours.llm.hf_model._instructblip_fixed_step_greedy
+    decoder.step_index.fill_(1)  # a step with its token slot and the cache's slots still ahead
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    mode = _HostReads()
+    with torch.no_grad(), mode:
+        decoder._step()
+    assert mode.found == []
+    with mode:
+        decoding._GreedyChooser(decoder.tokens[:, :0], 2, 0, 0, 1.0).all_finished()
+    assert "aten._local_scalar_dense.default" in mode.found
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_graphed_decode_step_gives_the_loops_token_ids():
+    """``step="graphed"`` on a GPU (fp32, so that only the path differs): the first call warms up, captures and
+    replays; the second, with other inputs of the same shapes, replays the kept graph. Left-padded prompts, a
+    repetition penalty, a minimum length, and an EOS the rows reach at different steps."""
+    import dataclasses
+
+    from instructblip.model.instructblip import InstructBlip
+    from instructblip.model.presets import get_preset
+
+    torch.manual_seed(0)
+    model = InstructBlip(dataclasses.replace(get_preset("tiny-llama"), dtype_policy="float32")).place("cuda").eval()
+    llm = model.llm
+    ids = torch.randint(3, llm.vocab_size, (3, 7), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :3] = mask[2, :5] = 0
+    visuals = [torch.randn(3, 4, llm.hidden_size, device="cuda") for _ in range(2)]
+    settings = dict(num_beams=1, max_new_tokens=12, min_new_tokens=2, repetition_penalty=1.3, pad_token_id=0)
+    llm.decoding_options = {}
+    free = llm.generate(visuals[0], ids, mask, eos_token_id=2, **settings)
+    eos = int(free[0, 5])  # row 0 ends at its sixth token; the others at theirs or at the end
+    for visual in visuals:
+        results = {}
+        for name, options in (("loop", {}), ("fixed", {"cache": "static", "step": "fixed"}),
+                              ("graphed", {"cache": "static", "step": "graphed"})):
+            llm.decoding_options = options
+            results[name] = llm.generate(visual, ids, mask, eos_token_id=eos, **settings).tolist()
+        assert results["graphed"] == results["fixed"] == results["loop"]
+    assert llm.hf_model._instructblip_fixed_step_greedy.graph is not None
+    llm.decoding_options = {}

@@ -19,6 +19,14 @@ Sampling and several return sequences are left to ``generate`` (``handles`` says
 is one buffer of the final length, filled as tokens come; the cache position is passed where the model takes it),
 and ``compile=True`` runs each decode step through ``torch.compile(mode="reduce-overhead")`` (CUDA graphs): a GPU
 option, the compiled step is kept on the model.
+
+``step="graphed"`` (greedy, decoder-only, static cache) goes further: the whole decode step, the choice of the token
+(penalty, minimum length, argmax, EOS and pad bookkeeping) and the forward of that token, is written as fixed-shape
+tensor ops that read nothing on the host (``_FixedStepGreedy``), captured once as one CUDA graph and replayed per
+token; the host only reads "has every row finished?" between replays. With ``compile=True`` the captured forward
+is ``torch.compile``'s (default mode: fused kernels, no graphs of its own). The buffers, the static cache and the
+graph are kept on the model for the next call of the same batch size, prompt length and settings.
+``step="fixed"`` runs that same step eagerly, on any device (what the tests compare with ``generate``).
 """
 
 from __future__ import annotations
@@ -26,6 +34,11 @@ from __future__ import annotations
 import inspect
 
 import torch
+
+from instructblip.errors import ConfigError
+
+# the greedy decode step: a Python loop step, the fixed-shape step run eagerly, or that step replayed as a CUDA graph
+DECODE_STEPS = ("loop", "fixed", "graphed")
 
 # Settings the loop implements; any other generate() setting sends the call to transformers' generate.
 _HANDLED = {
@@ -86,14 +99,26 @@ def greedy(
     repetition_penalty: float = 1.0,
     cache: str = "dynamic",
     compile: bool = False,
+    step: str = "loop",
     **ignored,
 ) -> torch.Tensor:
     """New token ids (B, n <= max_new_tokens) after the prompt ``inputs_embeds`` (left-padded, ``attention_mask``).
 
     ``model``: a transformers causal LM. ``prompt_ids``: the prompt's token ids for the repetition penalty (None:
-    the penalty sees only generated tokens). ``ignored``: the generate() settings that do not change greedy
-    decoding (``num_beams=1``, ``do_sample=False``, ``length_penalty``, ``num_return_sequences=1``).
+    the penalty sees only generated tokens). ``step``: ``loop`` (a Python step), ``fixed`` or ``graphed`` (static
+    cache only; see the module docstring). ``ignored``: the generate() settings that do not change greedy decoding
+    (``num_beams=1``, ``do_sample=False``, ``length_penalty``, ``num_return_sequences=1``).
     """
+    if step not in DECODE_STEPS:
+        raise ConfigError(f"decoding step={step!r}; allowed: {', '.join(DECODE_STEPS)}")
+    if step != "loop":
+        if cache != "static":
+            raise ConfigError(f"decoding step={step!r} needs cache='static' (fixed shapes), got cache={cache!r}")
+        if step == "graphed" and inputs_embeds.device.type != "cuda":
+            raise ConfigError("decoding step='graphed' needs a CUDA device; step='fixed' runs the same step anywhere")
+        decoder = _FixedStepGreedy.for_call(model, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
+                                            min_new_tokens, repetition_penalty, step == "graphed", compile)
+        return decoder.run(inputs_embeds, attention_mask, prompt_ids)
     batch = attention_mask.shape[0]
     steps = _CausalSteps(model, attention_mask, max_new_tokens, cache, compile)
     chooser = _GreedyChooser(
@@ -150,6 +175,7 @@ def beam_search(
     length_penalty: float = 1.0,
     cache: str = "dynamic",
     compile: bool = False,
+    step: str = "loop",
     **ignored,
 ) -> torch.Tensor:
     """Beam search after the prompt ``inputs_embeds`` (left-padded, ``attention_mask``): the best hypothesis' new
@@ -159,6 +185,7 @@ def beam_search(
     first reorder (``generate`` prefills every beam: ``num_beams`` times the work for the same numbers). A static
     cache holds a fixed number of rows, so there every beam is prefilled and the cache is reordered in place.
     ``ignored``: settings that do not change beam search here (``do_sample=False``, ``num_return_sequences=1``).
+    ``step``: greedy decoding's option; beam search always runs its loop (its bookkeeping reads the host per step).
     """
     batch = attention_mask.shape[0]
     steps = _CausalSteps(model, attention_mask, max_new_tokens, cache, compile)
@@ -489,6 +516,144 @@ class _GreedyChooser:
 
     def generated(self) -> torch.Tensor:
         return torch.stack(self.tokens, dim=1)
+
+
+class _FixedStepGreedy:
+    """Greedy decoding of a decoder-only LLM with a static cache, the whole decode step in fixed-shape tensor ops.
+
+    One step chooses the next token from the logits buffer exactly as ``_GreedyChooser`` does (fp32, the
+    repetition penalty on every id seen, EOS masked before ``min_new_tokens``, argmax, pad once a row has ended),
+    writes it into the token buffer, then runs the LLM on it at the next cache position and writes the new logits
+    into the buffer. Its counters (the step, the position ids, the cache position) are tensors advanced in place and
+    the ids seen are a (B, vocab) mask, so the step reads nothing on the host and can be captured as one CUDA graph
+    (``graphed``) and replayed once per token. Between steps the host reads whether every row has finished.
+
+    The buffers, the static cache and the graph belong to one (batch, prompt length, new tokens, settings) key and
+    are reused by the next call with that key (``for_call``): the cache is reset in place and the new prompt
+    prefilled into it.
+    """
+
+    WARMUP_STEPS = 2  # eager steps before the capture (real steps of the first call): kernels load, compile runs
+
+    def __init__(self, model, key: tuple, batch: int, prompt_length: int, max_new_tokens: int, device,
+                 eos: list[int], pad: int, min_new_tokens: int, penalty: float, graphed: bool, compile: bool):
+        from transformers import StaticCache
+
+        parameters = inspect.signature(model.forward).parameters
+        self.takes_cache_position = "cache_position" in parameters
+        self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        self.model, self.key = model, key
+        self.forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
+        self.prompt_length, self.max_new_tokens = prompt_length, max_new_tokens
+        self.pad, self.min_new_tokens, self.penalty, self.graphed = pad, min_new_tokens, penalty, graphed
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.past = StaticCache(config=model.config, max_cache_len=prompt_length + max_new_tokens)
+        self.eos = torch.tensor(eos, device=device)
+        self.mask = torch.zeros(batch, prompt_length + max_new_tokens, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
+        self.step_index = torch.zeros((), dtype=torch.long, device=device)
+        self.logits = torch.zeros(batch, vocab, dtype=torch.float32, device=device)
+        self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+        self.tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
+        self.unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        self.graph = None
+        self.eager_steps = 0  # steps run before the capture, over all calls
+
+    @classmethod
+    def for_call(cls, model, attention_mask, max_new_tokens, eos_token_id, pad_token_id, min_new_tokens,
+                 repetition_penalty, graphed: bool, compile: bool) -> "_FixedStepGreedy":
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        batch, prompt_length = attention_mask.shape
+        key = (batch, prompt_length, max_new_tokens, tuple(eos), pad_token_id, min_new_tokens,
+               float(repetition_penalty), graphed, compile, attention_mask.device)
+        kept = getattr(model, "_instructblip_fixed_step_greedy", None)
+        if kept is None or kept.key != key:
+            model._instructblip_fixed_step_greedy = None  # the old buffers and graph go before the new ones come
+            kept = cls(model, key, batch, prompt_length, max_new_tokens, attention_mask.device, eos, pad_token_id,
+                       min_new_tokens, float(repetition_penalty), graphed, compile)
+            model._instructblip_fixed_step_greedy = kept
+        return kept
+
+    def run(self, inputs_embeds, attention_mask, prompt_ids) -> torch.Tensor:
+        self._start(inputs_embeds, attention_mask, prompt_ids)
+        for index in range(self.max_new_tokens - 1):
+            self._step_once()
+            if not bool(self.unfinished.any()):  # the one host read per token
+                return self.tokens[:, : index + 1].clone()
+        self._choose()  # the last token needs no forward
+        return self.tokens.clone()
+
+    def _start(self, inputs_embeds, attention_mask, prompt_ids) -> None:
+        """The call's state into the buffers, then the prompt's forward (prefill) into the cache."""
+        mask = attention_mask.long()
+        self.mask.zero_()
+        self.mask[:, : self.prompt_length] = mask
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        self.position.copy_(positions[:, -1:])
+        self.cache_position.fill_(self.prompt_length - 1)  # each step first moves it to its token's slot
+        self.step_index.zero_()
+        self.seen.zero_()
+        if prompt_ids is not None and prompt_ids.shape[1]:
+            self.seen.scatter_(1, prompt_ids, True)
+        self.tokens.fill_(self.pad)
+        self.unfinished.fill_(True)
+        # in place (the graph holds the cache's tensors): newer transformers count the cache's filled length in it
+        self.past.reset()
+        extra = {"cache_position": torch.arange(self.prompt_length, device=mask.device)}
+        logits = self.model(
+            inputs_embeds=inputs_embeds, attention_mask=self.mask, position_ids=positions, use_cache=True,
+            logits_to_keep=1, **{self.cache_arg: self.past}, **(extra if self.takes_cache_position else {}),
+        ).logits[:, -1]
+        self.logits.copy_(logits)
+
+    def _choose(self) -> torch.Tensor:
+        logits = self.logits  # fp32, overwritten by the next forward: the processors work on it in place
+        if self.penalty != 1.0:
+            penalised = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
+            logits = torch.where(self.seen, penalised, logits)
+        if self.min_new_tokens > 0:
+            early = self.step_index < self.min_new_tokens
+            logits[:, self.eos] = torch.where(early, -float("inf"), logits[:, self.eos])
+        token = torch.where(self.unfinished, logits.argmax(dim=-1), self.pad)
+        self.tokens.scatter_(1, self.step_index.expand(token.shape[0], 1), token[:, None])
+        self.seen.scatter_(1, token[:, None], True)
+        self.unfinished &= ~torch.isin(token, self.eos)
+        self.step_index += 1
+        return token
+
+    def _step(self) -> None:
+        token = self._choose()
+        self.position += 1
+        self.cache_position += 1
+        self.mask.scatter_(1, self.cache_position.expand(self.mask.shape[0], 1), 1)
+        extra = {"cache_position": self.cache_position} if self.takes_cache_position else {}
+        logits = self.forward(
+            input_ids=token[:, None], attention_mask=self.mask, position_ids=self.position, use_cache=True,
+            logits_to_keep=1, **{self.cache_arg: self.past}, **extra,
+        ).logits[:, -1]
+        self.logits.copy_(logits)
+
+    def _step_once(self) -> None:
+        if not self.graphed:
+            self._step()
+            return
+        if self.graph is None and self.eager_steps >= self.WARMUP_STEPS:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records the step; nothing runs until the replay below
+                self._step()
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        # warm-up: real steps of this call, on a side stream as a capture asks, taking the capture's code paths
+        from instructblip.model.language import as_if_capturing
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), as_if_capturing():
+            self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.eager_steps += 1
 
 
 def _compiled_forward(model):

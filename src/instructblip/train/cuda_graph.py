@@ -27,27 +27,11 @@ the non-finite test takes anyway). Used by ``instructblip-train`` with ``stage.m
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from instructblip.errors import ConfigError
-from instructblip.model.language import fixed_shape_loss
-
-
-@contextlib.contextmanager
-def _as_if_capturing():
-    """The warm-up takes the code paths of the capture. transformers' LLMs decide by whether a capture runs: outside
-    one they read the attention mask on the host and skip it when nothing is padded; inside one they always build
-    it. Without this, compiled blocks would first see the mask inside the capture and compile there, and kernels
-    the capture needs would be loaded during it."""
-    is_capturing = torch.cuda.is_current_stream_capturing
-    torch.cuda.is_current_stream_capturing = lambda: True
-    try:
-        yield
-    finally:
-        torch.cuda.is_current_stream_capturing = is_capturing
+from instructblip.model.language import as_if_capturing, fixed_shape_loss
 
 
 def check_learning_rates(param_groups: list[dict], captured: list) -> None:
@@ -123,7 +107,7 @@ class CudaGraphTrainStep:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up on a side stream, as a capture requires
             for _ in range(warmup_steps):
-                with _as_if_capturing():
+                with as_if_capturing():
                     self._step(self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self._warming_up.zero_()
