@@ -98,7 +98,7 @@ def test_resumed_run_gives_the_same_predictions(full_run, eval_shards, tiny_chec
     assert result.score == pytest.approx(full["score"]) and result.n == fixture_datasets[1]
 
 
-def test_bad_settings_fail_with_one_line(run_app, eval_shards, tiny_checkpoint, tmp_path):
+def test_bad_settings_fail_with_one_line(run_app, eval_shards, tiny_checkpoint, fixture_datasets, tmp_path):
     common = [f"hydra.run.dir={tmp_path}", f"output_dir={tmp_path}", f"shards={eval_shards}", "progress=false"]
     code, _, err = run_app(eval_cli.main, "instructblip-eval", *common, f"checkpoint={tiny_checkpoint}", "benchmarks=[coco_gqa]")
     assert code == 2 and "unknown dataset 'coco_gqa'; known datasets:" in err
@@ -108,6 +108,41 @@ def test_bad_settings_fail_with_one_line(run_app, eval_shards, tiny_checkpoint, 
     assert code == 2 and "no shards for ivqa split 'test'" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_app(eval_cli.main, "instructblip-eval", *common, f"checkpoint={tiny_checkpoint}", "paper_model=gpt4")
     assert code == 2 and "paper_model='gpt4'; allowed: flant5xl" in err
+    code, _, err = run_app(eval_cli.main, "instructblip-eval", *common, f"checkpoint={tiny_checkpoint}",
+                           f"benchmarks=[{next(iter(fixture_datasets[0]))}]", "decoding.step=graphed",
+                           "decoding.cache=static", "device=cpu")
+    assert code == 2 and "decoding.step=graphed needs a CUDA device (device=cpu); decoding.step=fixed" in err
+    code, _, err = run_app(eval_cli.main, "instructblip-eval", *common, f"checkpoint={tiny_checkpoint}",
+                           f"benchmarks=[{next(iter(fixture_datasets[0]))}]", "decoding.cache=paged")
+    assert code == 2 and "decoding.cache='paged'; allowed: dynamic, static" in err
+
+
+def test_decoding_options_reach_the_model_and_keep_its_predictions(full_run, eval_shards, tiny_checkpoint,
+                                                                   fixture_datasets, tmp_path, monkeypatch):
+    """decoding={cache: static, step: fixed} (the eager form of the graphed greedy step): the same greedy answers
+    as the default loop, through instructblip-eval."""
+    from instructblip.model import decoding
+
+    name = next(n for n in fixture_datasets[0]
+                if registry.get(n).method == "generate" and registry.get(n).answer_length == "short")
+    used = []
+    original = decoding._FixedStepGreedy.run
+
+    def run(self, *args, **kwargs):
+        used.append(self.key)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(decoding._FixedStepGreedy, "run", run)
+    monkeypatch.setattr(sys, "argv", [
+        "instructblip-eval", f"checkpoint={tiny_checkpoint}", f"shards={eval_shards}", f"benchmarks=[{name}]",
+        f"hydra.run.dir={tmp_path}", f"output_dir={tmp_path}", f"batch_size={BATCH_SIZE}", GENERATION,
+        "paper_model=vicuna7b", "progress=false", "decoding={cache: static, step: fixed}",
+    ])
+    eval_cli.main()
+    assert used, "the fixed decode step did not run"
+    ours = sorted(load_predictions(tmp_path / "predictions" / f"{name}.jsonl"), key=lambda line: line["id"])
+    reference = sorted(load_predictions(full_run / "predictions" / f"{name}.jsonl"), key=lambda line: line["id"])
+    assert [line["prediction"] for line in ours] == [line["prediction"] for line in reference]
 
 
 def test_paper_model_is_guessed_from_checkpoint_names():

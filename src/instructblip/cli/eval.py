@@ -48,6 +48,7 @@ def evaluate(cfg) -> Path | None:
     from instructblip.eval.paper_results import PAPER_ZERO_SHOT, guess_paper_model
     from instructblip.eval.report import log_results, write_results
     from instructblip.eval.runner import Benchmark, evaluate_benchmark, find_shards
+    from instructblip.model.decoding import check_decoding_options
 
     import instructblip.shapesworld.tasks  # noqa: F401  registers the ShapesWorld datasets
 
@@ -70,9 +71,11 @@ def evaluate(cfg) -> Path | None:
     device = cfg.device
     if device is None:
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    decoding = check_decoding_options(OmegaConf.to_container(cfg.get("decoding") or {}, resolve=True), device)
     model = open_model(str(cfg.checkpoint), model=cfg.lavis_model, vision=cfg.vision, llm=cfg.llm, base=cfg.base,
                        device=device)
     model.eval()
+    model.llm.decoding_options = decoding
 
     output_dir = Path(str(cfg.output_dir)).expanduser()
     metric_options = OmegaConf.to_container(cfg.metric_options, resolve=True) or {}

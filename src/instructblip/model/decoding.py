@@ -249,6 +249,30 @@ def beam_search_encoder_decoder(
     return state.best()
 
 
+DECODING_DEFAULTS = {"cache": "dynamic", "compile": False, "step": "loop"}
+
+
+def check_decoding_options(options: dict, device: str, key: str = "decoding") -> dict:
+    """``LanguageModel.decoding_options`` from a config (``{cache, compile, step}``), checked: each wrong value names
+    its key and the allowed values. Decoder-only LLMs use them; T5 decodes with its dynamic cache."""
+    options = {**DECODING_DEFAULTS, **dict(options or {})}
+    unknown = sorted(set(options) - set(DECODING_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"{key}: unknown keys {unknown}; allowed: {', '.join(DECODING_DEFAULTS)}")
+    if options["cache"] not in ("dynamic", "static"):
+        raise ConfigError(f"{key}.cache={options['cache']!r}; allowed: dynamic, static")
+    if not isinstance(options["compile"], bool):
+        raise ConfigError(f"{key}.compile={options['compile']!r}; allowed: true, false")
+    if options["step"] not in DECODE_STEPS:
+        raise ConfigError(f"{key}.step={options['step']!r}; allowed: {', '.join(DECODE_STEPS)}")
+    if options["step"] != "loop" and options["cache"] != "static":
+        raise ConfigError(f"{key}.step={options['step']} needs {key}.cache=static (fixed shapes)")
+    if options["step"] == "graphed" and not str(device).startswith("cuda"):
+        raise ConfigError(f"{key}.step=graphed needs a CUDA device (device={device}); {key}.step=fixed runs the "
+                          "same step anywhere")
+    return options
+
+
 class _Seq2SeqSteps:
     """A T5-style LLM's calls: the encoder once, then the decoder one token a step, from its start token (as in
     ``generate``), with a self- and cross-attention cache."""
