@@ -109,13 +109,9 @@ def greedy(
     cache only; see the module docstring). ``ignored``: the generate() settings that do not change greedy decoding
     (``num_beams=1``, ``do_sample=False``, ``length_penalty``, ``num_return_sequences=1``).
     """
-    if step not in DECODE_STEPS:
-        raise ConfigError(f"decoding step={step!r}; allowed: {', '.join(DECODE_STEPS)}")
+    check_decoding_options({"cache": cache, "compile": compile, "step": step}, str(inputs_embeds.device),
+                           key="decoding_options")
     if step != "loop":
-        if cache != "static":
-            raise ConfigError(f"decoding step={step!r} needs cache='static' (fixed shapes), got cache={cache!r}")
-        if step == "graphed" and inputs_embeds.device.type != "cuda":
-            raise ConfigError("decoding step='graphed' needs a CUDA device; step='fixed' runs the same step anywhere")
         decoder = _FixedStepGreedy.for_call(model, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
                                             min_new_tokens, repetition_penalty, step == "graphed", compile)
         return decoder.run(inputs_embeds, attention_mask, prompt_ids)

@@ -16,13 +16,12 @@ micro-batch trains the same way on one process with accumulation, on any rank of
 ``step_mode``: ``automatic`` is Lightning's loop (forward, backward, the non-finite guard and clipping in its hooks,
 the optimizer step). ``cuda_graph`` runs the whole step, optimizer included, as one CUDA graph captured at the
 first training step and replayed (:class:`~instructblip.train.cuda_graph.CudaGraphTrainStep`; over compiled blocks
-the benchmark measured 2.4x / 1.7x the samples/s of transformers compiled at batch 8 / 16, Vicuna-7B, H200):
-training_step replays it, and the
-``optimizer_step`` hook only runs training_step, so Lightning still counts the step, steps the schedule (the
-learning rates become tensors on the device, updated in place) and saves the optimizer. ``manual`` is the same step
-without the graph, on any device: it tells a capture problem from a step problem. Both need one device, batches of
-one shape (``data.fixed_lengths``) and no gradient accumulation (``validate.check_step_mode``); the non-finite guard
-and clipping (``trainer.gradient_clip_val``) run inside the step.
+the benchmark measured 2.4x / 1.7x the samples/s of transformers compiled at batch 8 / 16, Vicuna-7B, H200).
+training_step replays it and the ``optimizer_step`` hook only runs training_step, so Lightning still counts the
+step, steps the schedule (the learning rates become tensors on the device, updated in place) and saves the
+optimizer. ``manual`` is the same step without the graph, on any device: it tells a capture problem from a step
+problem. Both need one device, batches of one shape (``data.fixed_lengths``) and no gradient accumulation
+(``validate.check_step_mode``); the non-finite guard and clipping (``trainer.gradient_clip_val``) run inside the step.
 """
 
 from __future__ import annotations
