@@ -80,6 +80,7 @@ def lean_only(our_models, monkeypatch):
         raise AssertionError("greedy decoding fell back to transformers' generate")
 
     monkeypatch.setattr(model.llm.hf_model, "generate", refuse)
+    model.llm.hf_model._instructblip_fixed_step_greedy = {}  # no decoder kept from another test
     yield model
     model.llm.decoding_options = {}
 
@@ -89,18 +90,26 @@ GREEDY_OPTIONS = [{"cache": "dynamic"}, {"cache": "static"}, {"cache": "static",
 
 @pytest.mark.parametrize("options", GREEDY_OPTIONS, ids=lambda o: "-".join(o.values()))
 def test_greedy_loop_gives_transformers_token_ids(options, lean_only, hf_models, images):
-    """Left-padded prompts of different lengths, repetition penalty over prompt and answer, a minimum length; a
-    second call of the same shapes (another prompt order: the fixed step reuses its buffers and cache)."""
+    """Left-padded prompts of different lengths, repetition penalty over prompt and answer, a minimum length; more
+    calls of the same batch size (another prompt order; longer prompts in the same length bucket: the fixed step
+    reuses its buffers and cache)."""
     ours, hf = lean_only, hf_models["llama"]
     ours.llm.decoding_options = dict(options)
     settings = dict(num_beams=1, max_new_tokens=10, min_new_tokens=3, repetition_penalty=1.4)
     eos, pad = ours.processor.tokenizer.eos_token_id, ours.processor.pad_token_id
-    for prompts in (PROMPTS, PROMPTS[::-1]):
+    longer = [prompt + " here" for prompt in PROMPTS]
+    decoders = []
+    for prompts in (PROMPTS, PROMPTS[::-1], longer):
         batch = ours.processor.generation_batch(images, prompts)
         assert batch["attention_mask"].min() == 0
         actual = ours.generate_ids(batch, **settings)
         expected = _transformers_greedy(ours, hf, batch, eos_token_id=eos, pad_token_id=pad, **settings)
         assert actual.tolist() == expected.tolist()
+        decoders.append(dict(getattr(ours.llm.hf_model, "_instructblip_fixed_step_greedy", {})))
+    if options.get("step") == "fixed":
+        first = ours.processor.generation_batch(images, PROMPTS)["input_ids"].shape[1]
+        assert ours.processor.generation_batch(images, longer)["input_ids"].shape[1] > first
+        assert len(decoders[-1]) == 1 and decoders[0] == decoders[-1]  # one decoder served the three calls
 
 
 @pytest.mark.parametrize("options", GREEDY_OPTIONS, ids=lambda o: "-".join(o.values()))
@@ -326,7 +335,7 @@ def test_fixed_decode_step_reads_nothing_on_the_host(lean_only, images, monkeypa
     batch = ours.processor.generation_batch(images, PROMPTS)
     settings = dict(num_beams=1, max_new_tokens=6, min_new_tokens=2, repetition_penalty=1.3)
     ours.generate_ids(batch, **settings)  # builds the decoder (and its prefilled cache) for these shapes
-    decoder = ours.llm.hf_model._instructblip_fixed_step_greedy
+    (decoder,) = ours.llm.hf_model._instructblip_fixed_step_greedy.values()
     decoder.step_index.fill_(1)  # a step with its token slot and the cache's slots still ahead
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     mode = _HostReads()
@@ -367,5 +376,6 @@ def test_graphed_decode_step_gives_the_loops_token_ids():
             llm.decoding_options = options
             results[name] = llm.generate(visual, ids, mask, eos_token_id=eos, **settings).tolist()
         assert results["graphed"] == results["fixed"] == results["loop"]
-    assert llm.hf_model._instructblip_fixed_step_greedy.graph is not None
+    graphed = [d for d in llm.hf_model._instructblip_fixed_step_greedy.values() if d.graphed]
+    assert len(graphed) == 1 and graphed[0].graph is not None  # captured in the first call, replayed in the second
     llm.decoding_options = {}

@@ -548,12 +548,15 @@ class _FixedStepGreedy:
     the ids seen are a (B, vocab) mask, so the step reads nothing on the host and can be captured as one CUDA graph
     (``graphed``) and replayed once per token. Between steps the host reads whether every row has finished.
 
-    The buffers, the static cache and the graph belong to one (batch, prompt length, new tokens, settings) key and
-    are reused by the next call with that key (``for_call``): the cache is reset in place and the new prompt
-    prefilled into it.
+    The buffers, the static cache and the graph belong to one (batch, prompt bucket, new tokens, settings) key and
+    are reused by later calls with that key (``for_call``): the cache is reset in place and the new prompt
+    prefilled into it. Prompts are left-padded to a multiple of ``PROMPT_BUCKET`` (masked: the same answers), so
+    that batches of nearby prompt lengths share one graph; the last ``KEPT`` keys are kept per model.
     """
 
     WARMUP_STEPS = 2  # eager steps before the capture (real steps of the first call): kernels load, compile runs
+    PROMPT_BUCKET = 32
+    KEPT = 4
 
     def __init__(self, model, key: tuple, batch: int, prompt_length: int, max_new_tokens: int, device,
                  eos: list[int], pad: int, min_new_tokens: int, penalty: float, graphed: bool, compile: bool):
@@ -585,15 +588,20 @@ class _FixedStepGreedy:
                  repetition_penalty, graphed: bool, compile: bool) -> "_FixedStepGreedy":
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         batch, prompt_length = attention_mask.shape
-        key = (batch, prompt_length, max_new_tokens, tuple(eos), pad_token_id, min_new_tokens,
+        bucket = -(-prompt_length // cls.PROMPT_BUCKET) * cls.PROMPT_BUCKET
+        key = (batch, bucket, max_new_tokens, tuple(eos), pad_token_id, min_new_tokens,
                float(repetition_penalty), graphed, compile, attention_mask.device)
         kept = getattr(model, "_instructblip_fixed_step_greedy", None)
-        if kept is None or kept.key != key:
-            model._instructblip_fixed_step_greedy = None  # the old buffers and graph go before the new ones come
-            kept = cls(model, key, batch, prompt_length, max_new_tokens, attention_mask.device, eos, pad_token_id,
-                       min_new_tokens, float(repetition_penalty), graphed, compile)
-            model._instructblip_fixed_step_greedy = kept
-        return kept
+        if kept is None:
+            kept = model._instructblip_fixed_step_greedy = {}
+        decoder = kept.pop(key, None)
+        if decoder is None:
+            while len(kept) >= cls.KEPT:  # the oldest buffers and graph go before new ones are allocated
+                kept.pop(next(iter(kept)))
+            decoder = cls(model, key, batch, bucket, max_new_tokens, attention_mask.device, eos, pad_token_id,
+                          min_new_tokens, float(repetition_penalty), graphed, compile)
+        kept[key] = decoder  # the most recently used last
+        return decoder
 
     def run(self, inputs_embeds, attention_mask, prompt_ids) -> torch.Tensor:
         self._start(inputs_embeds, attention_mask, prompt_ids)
@@ -606,7 +614,9 @@ class _FixedStepGreedy:
 
     def _start(self, inputs_embeds, attention_mask, prompt_ids) -> None:
         """The call's state into the buffers, then the prompt's forward (prefill) into the cache."""
-        mask = attention_mask.long()
+        padding = self.prompt_length - attention_mask.shape[1]  # up to the bucket, on the left, masked
+        mask = torch.nn.functional.pad(attention_mask.long(), (padding, 0))
+        inputs_embeds = torch.nn.functional.pad(inputs_embeds, (0, 0, padding, 0))
         self.mask.zero_()
         self.mask[:, : self.prompt_length] = mask
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
