@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,8 +204,8 @@ class InstructBlipProcessor:
         self.max_instruction_length = max_instruction_length
         self.max_target_length = max_target_length
         self.max_qformer_length = max_qformer_length
-        # training batches padded to the longest row (False) or to the maximum lengths (see with_fixed_lengths)
-        self.pads_to_max_length = False
+        # training batches padded to the longest row (None) or to one of a few fixed shapes (see with_fixed_lengths)
+        self.length_buckets: list[dict[str, int]] | None = None
 
         self._prefix, self._suffix = _special_tokens_around(tokenizer)
         if self.tokenizer.eos_token_id is None:
@@ -346,37 +346,63 @@ class InstructBlipProcessor:
 
     # ----------------------------------------------------------------------------------------------- text
 
-    def with_fixed_lengths(self, instruction: int, target: int, qformer: int) -> InstructBlipProcessor:
-        """A copy whose training batches all have the same shapes (what a training step replayed as a CUDA graph
-        needs): instructions and the Q-Former text truncated as always, but to these maximum lengths, and every row
-        padded to them instead of to the batch's longest. Generation batches are unchanged."""
-        for name, value in (("instruction", instruction), ("target", target), ("qformer", qformer)):
-            if int(value) < 1:
-                raise ConfigError(f"data.fixed_lengths.{name}={value}; must be >= 1")
-        if int(target) <= len(self._prefix):
-            raise ConfigError(f"data.fixed_lengths.target={target}; must exceed the {len(self._prefix)} BOS "
-                              "position(s) it is counted with")
+    def with_fixed_lengths(self, buckets: Sequence[Mapping[str, int]]) -> InstructBlipProcessor:
+        """A copy whose training batches take one of a few fixed shapes (what a training step replayed as a CUDA
+        graph needs: one graph per shape). ``buckets``: ``{instruction, target, qformer}`` token counts, each at
+        least the one before in all three. A batch is padded to the first bucket that holds every one of its rows;
+        rows longer than the last are truncated to it, as the processor always truncates (instructions and the
+        Q-Former text on the left, answers on the right). Generation batches are unchanged."""
+        buckets = [{key: int(bucket[key]) for key in ("instruction", "target", "qformer")} for bucket in buckets]
+        if not buckets:
+            raise ConfigError("data.fixed_lengths is an empty list; give {instruction, target, qformer} token counts")
+        for index, bucket in enumerate(buckets):
+            where = f"data.fixed_lengths[{index}]" if len(buckets) > 1 else "data.fixed_lengths"
+            for name, value in bucket.items():
+                if value < 1:
+                    raise ConfigError(f"{where}.{name}={value}; must be >= 1")
+            if bucket["target"] <= len(self._prefix):
+                raise ConfigError(f"{where}.target={bucket['target']}; must exceed the {len(self._prefix)} BOS "
+                                  "position(s) it is counted with")
+            if index and any(bucket[key] < buckets[index - 1][key] for key in bucket):
+                raise ConfigError(f"{where}={bucket} is smaller than the bucket before it in some length; list "
+                                  "buckets from the shortest to the longest")
         fixed = copy.copy(self)
-        fixed.max_instruction_length, fixed.max_target_length = int(instruction), int(target)
-        fixed.max_qformer_length, fixed.pads_to_max_length = int(qformer), True
+        largest = buckets[-1]
+        fixed.max_instruction_length, fixed.max_target_length = largest["instruction"], largest["target"]
+        fixed.max_qformer_length, fixed.length_buckets = largest["qformer"], buckets
         return fixed
 
-    def training_lengths(self) -> dict[str, int]:
-        """The fixed text widths of training batches (``with_fixed_lengths``): the Q-Former's, the LLM input's and,
-        for T5, the labels'. A decoder-only row is the instruction (BOS included) then the answer and EOS, which
-        share ``max_target_length`` with the BOS LAVIS counts (see ``_target_rows``)."""
+    def training_lengths(self, bucket: Mapping[str, int]) -> dict[str, int]:
+        """The text widths of a training batch padded to ``bucket`` (``with_fixed_lengths``): the Q-Former's, the LLM
+        input's and, for T5, the labels'. A decoder-only row is the instruction (BOS included) then the answer and
+        EOS, which share ``target`` with the BOS LAVIS counts (see ``_target_rows``)."""
         if self.llm_kind == "decoder_only":
-            text = self.max_instruction_length + self.max_target_length - len(self._prefix)
-            return {"qformer": self.max_qformer_length, "text": text}
-        return {"qformer": self.max_qformer_length, "text": self.max_instruction_length,
-                "labels": self.max_target_length}
+            text = bucket["instruction"] + bucket["target"] - len(self._prefix)
+            return {"qformer": bucket["qformer"], "text": text}
+        return {"qformer": bucket["qformer"], "text": bucket["instruction"], "labels": bucket["target"]}
 
-    def qformer_batch(self, instructions: Sequence[str], pad_to_max_length: bool = False) -> dict[str, torch.Tensor]:
+    def _bucket_for(self, instructions, instruction_rows, target_rows) -> dict[str, int]:
+        """The first length bucket that holds every row of the batch (the last one holds the truncated rows)."""
+        qformer = self.qformer_tokenizer(list(instructions), truncation=True, max_length=self.max_qformer_length)
+        longest = {
+            "instruction": max(len(row) for row in instruction_rows),
+            # a decoder-only answer shares its bucket's target with the BOS (see _target_rows)
+            "target": max(len(row) for row in target_rows) + (len(self._prefix) if self.llm_kind == "decoder_only"
+                                                             else 0),
+            "qformer": max(len(ids) for ids in qformer["input_ids"]),
+        }
+        for bucket in self.length_buckets:
+            if all(longest[key] <= bucket[key] for key in longest):
+                return bucket
+        return self.length_buckets[-1]
+
+    def qformer_batch(self, instructions: Sequence[str], pad_to: int | None = None) -> dict[str, torch.Tensor]:
+        """The Q-Former's tokens, padded to the longest row, or to ``pad_to`` (and truncated there)."""
         encoded = self.qformer_tokenizer(
             list(instructions),
-            padding="max_length" if pad_to_max_length else "longest",
+            padding="max_length" if pad_to else "longest",
             truncation=True,
-            max_length=self.max_qformer_length,
+            max_length=pad_to or self.max_qformer_length,
             return_token_type_ids=False,
             return_tensors="pt",
         )
@@ -418,13 +444,15 @@ class InstructBlipProcessor:
         """The batch whose loss trains the model (answer tokens and EOS only carry labels)."""
         if len(instructions) != len(targets):
             raise DataError(f"{len(instructions)} instructions but {len(targets)} targets")
-        batch = self.qformer_batch(instructions, pad_to_max_length=self.pads_to_max_length)
-        if images is not None:
-            batch["pixel_values"] = self.pixel_values(images, train=train_transform)
         instruction_rows = self._instruction_rows(instructions, self.max_instruction_length)
         target_rows = self._target_rows(targets)
-        widths = self.training_lengths() if self.pads_to_max_length else {}
+        widths = {}
+        if self.length_buckets is not None:
+            widths = self.training_lengths(self._bucket_for(instructions, instruction_rows, target_rows))
         text_width, label_width = widths.get("text"), widths.get("labels")
+        batch = self.qformer_batch(instructions, pad_to=widths.get("qformer"))
+        if images is not None:
+            batch["pixel_values"] = self.pixel_values(images, train=train_transform)
         if self.llm_kind == "decoder_only":
             rows = [i + t for i, t in zip(instruction_rows, target_rows)]
             label_rows = [[-100] * len(i) + t for i, t in zip(instruction_rows, target_rows)]

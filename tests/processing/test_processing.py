@@ -273,11 +273,12 @@ def test_decode_skips_special_tokens_and_strips(vicuna, vicuna_tokenizer):
 
 @pytest.mark.parametrize("kind", ["vicuna", "t5"])
 def test_fixed_lengths_give_one_shape_with_the_rows_of_longest_padding(kind, request):
-    """``with_fixed_lengths``: every training batch has the same shapes (a CUDA-graph step replays one), holding the
-    rows of the usual batch, truncated to the fixed lengths, then padding."""
+    """One bucket: every training batch has the same shapes (a CUDA-graph step replays one), holding the rows of the
+    usual batch, truncated to the fixed lengths, then padding."""
     processor = request.getfixturevalue(kind)
-    fixed = processor.with_fixed_lengths(instruction=24, target=8, qformer=20)
-    widths = fixed.training_lengths()
+    bucket = {"instruction": 24, "target": 8, "qformer": 20}
+    fixed = processor.with_fixed_lengths([bucket])
+    widths = fixed.training_lengths(bucket)
     batches = [
         (["what is in the image?", "how many?"], ["a red square", "three"]),
         (["describe the picture briefly. " * 3], ["a red square next to a blue circle and a kite " * 2]),
@@ -288,21 +289,50 @@ def test_fixed_lengths_give_one_shape_with_the_rows_of_longest_padding(kind, req
         assert batch["input_ids"].shape[1] == batch["attention_mask"].shape[1] == widths["text"]
         assert batch["labels"].shape[1] == widths.get("labels", widths["text"])
         # the same rows as the longest-padded batch of a processor truncating at these lengths
-        truncating = processor.with_fixed_lengths(instruction=24, target=8, qformer=20)
-        truncating.pads_to_max_length = False
+        truncating = processor.with_fixed_lengths([bucket])
+        truncating.length_buckets = None
         usual = truncating.training_batch(None, instructions, targets)
         for key, value in usual.items():
             width = value.shape[1]
             assert torch.equal(batch[key][:, :width], value), key
             pad = {"labels": -100, "input_ids": processor.pad_token_id}.get(key, 0)
             assert (batch[key][:, width:] == pad).all(), key
+    assert usual["input_ids"].shape[1] < widths["text"] or kind == "t5"  # the long batch was truncated, not cut
     # the decoder-only text row: instruction (BOS included) up to 24, answer + EOS up to 8 - BOS
     assert widths["text"] == (24 + 8 - 1 if kind == "vicuna" else 24)
-    assert processor.pads_to_max_length is False and processor.max_instruction_length == 128  # a copy
+    assert processor.length_buckets is None and processor.max_instruction_length == 128  # a copy
+
+
+@pytest.mark.parametrize("kind", ["vicuna", "t5"])
+def test_length_buckets_pad_each_batch_to_the_first_that_holds_it(kind, request):
+    processor = request.getfixturevalue(kind)
+    target = 1 if kind == "vicuna" else 2  # the test T5 tokenizer cuts the answer below into 28 pieces, Vicuna's 9
+    buckets = [{"instruction": 12, "target": 4 * target, "qformer": 12},
+               {"instruction": 24, "target": 16 * target, "qformer": 24},
+               {"instruction": 48, "target": 32 * target, "qformer": 48}]
+    fixed = processor.with_fixed_lengths(buckets)
+    widths = [fixed.training_lengths(bucket) for bucket in buckets]
+    cases = [
+        ((["how many?"], ["three"]), 0),
+        ((["how many?"], ["a red square next to a blue circle"]), 1),  # a longer answer: the second bucket
+        ((["describe the picture briefly, please, with every shape. " * 2], ["three"]), 2),  # a long instruction
+        ((["red " * 200], ["kite " * 200]), 2),  # longer than the last: truncated to it
+    ]
+    for (instructions, targets), expected in cases:
+        batch = fixed.training_batch(None, instructions, targets)
+        assert batch["input_ids"].shape[1] == widths[expected]["text"], (instructions, targets)
+        assert batch["qformer_input_ids"].shape[1] == widths[expected]["qformer"]
+        # below the last bucket nothing was truncated: the rows are those of a processor padding to the longest
+        if expected < 2:
+            usual = processor.training_batch(None, instructions, targets)
+            assert torch.equal(batch["labels"][:, : usual["labels"].shape[1]], usual["labels"])
 
 
 def test_fixed_lengths_refuse_impossible_values(vicuna):
     with pytest.raises(ConfigError, match=r"data.fixed_lengths.qformer=0; must be >= 1"):
-        vicuna.with_fixed_lengths(instruction=16, target=8, qformer=0)
+        vicuna.with_fixed_lengths([{"instruction": 16, "target": 8, "qformer": 0}])
     with pytest.raises(ConfigError, match=r"data.fixed_lengths.target=1; must exceed the 1 BOS"):
-        vicuna.with_fixed_lengths(instruction=16, target=1, qformer=16)
+        vicuna.with_fixed_lengths([{"instruction": 16, "target": 1, "qformer": 16}])
+    with pytest.raises(ConfigError, match=r"data.fixed_lengths\[1\]=.*smaller than the bucket before it"):
+        vicuna.with_fixed_lengths([{"instruction": 16, "target": 8, "qformer": 16},
+                                   {"instruction": 32, "target": 4, "qformer": 32}])

@@ -12,6 +12,9 @@ import torch
 from train_helpers import compose, tiny_overrides
 
 FIXED = "data.fixed_lengths={instruction: 40, target: 12, qformer: 40}"
+# two length buckets: the generated data's first five batches take both (four the second, then one the first)
+BUCKETS = ("data.fixed_lengths=[{instruction: 32, target: 24, qformer: 16}, "
+           "{instruction: 48, target: 32, qformer: 32}]")
 # the default callbacks (checkpoints every 2 steps among them) without the progress bar and throughput monitor
 CHECKPOINTING = ("stage.module.step_mode=manual", "callbacks=default", "callbacks.progress_bar=null",
                  "callbacks.throughput=null")
@@ -44,13 +47,12 @@ class StopBeforeStep(pl.Callback):
             raise Killed
 
 
-def build(tiny_checkpoint, generated_data, run_dir, steps: int, *overrides: str):
+def build(tiny_checkpoint, generated_data, run_dir, steps: int, *overrides: str, lengths: str = FIXED):
     from instructblip.train.run import build as build_run
 
     # the smoke experiment's schedule (a warm-up, then cosine) and clipping (gradient_clip_val=1.0)
     cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data, steps=steps),
-                   "checkpoint.every_n_steps=2", "optimizer.lr=1e-2", FIXED,
-                   *overrides], run_dir)
+                   "checkpoint.every_n_steps=2", "optimizer.lr=1e-2", lengths, *overrides], run_dir)
     module, datamodule, trainer = build_run(cfg)
     record = Record()
     trainer.callbacks.append(record)
@@ -58,10 +60,11 @@ def build(tiny_checkpoint, generated_data, run_dir, steps: int, *overrides: str)
 
 
 def test_manual_step_mode_trains_like_lightnings_step(tiny_checkpoint, generated_data, tmp_path):
+    """Over batches padded to two length buckets, with the smoke run's clipping and warm-up schedule."""
     runs = {}
     for mode in ("automatic", "manual"):
         module, datamodule, trainer, record = build(tiny_checkpoint, generated_data, tmp_path / mode, 5,
-                                                    f"stage.module.step_mode={mode}")
+                                                    f"stage.module.step_mode={mode}", lengths=BUCKETS)
         trainer.fit(module, datamodule=datamodule)
         runs[mode] = (module, trainer, record)
     (_, auto_trainer, auto), (module, trainer, manual) = runs["automatic"], runs["manual"]
@@ -138,8 +141,8 @@ def test_step_modes_refuse_what_they_cannot_run(tmp_path):
     cases = {
         ("stage.module.step_mode=eager",): r"stage.module.step_mode='eager'.*automatic, cuda_graph, manual",
         (graph, FIXED): r"step_mode=cuda_graph needs a GPU \(trainer.accelerator=cpu\).*step_mode=manual",
-        (graph, "trainer=gpu"): r"step_mode=cuda_graph replays one captured shape: set data.fixed_lengths",
-        (manual, "trainer=ddp_cpu"): r"step_mode=manual runs on one device.*trainer=gpu or trainer=cpu",
+        (graph, "trainer=gpu"): r"step_mode=cuda_graph replays captured batch shapes: set data.fixed_lengths",
+        (manual, "trainer=ddp_cpu"): r"step_mode=manual runs on one device.*trainer=gpu \(or trainer=cpu\) with one device and one node",
         (manual, "trainer.accumulate_grad_batches=2"): r"trainer.accumulate_grad_batches=2 needs .*automatic",
         (manual, "trainer.precision=16-mixed"): r"trainer.precision=16-mixed; allowed: 32-true, bf16-mixed",
         (manual, "stage.module.loss_weighting=sample"): r"loss_weighting=sample needs stage.module.step_mode=auto",
@@ -160,16 +163,18 @@ def test_step_modes_refuse_what_they_cannot_run(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_step_mode_trains_like_the_manual_step(tiny_checkpoint, generated_data, tmp_path):
     """On a GPU, through instructblip-train's module (bf16-mixed, frozen towers in bf16, as trainer=gpu trains): the
-    captured and replayed step gives the eager step's losses, learning rates and weights. The same kernels run in
-    both, and dropout draws the same numbers (each step reseeded; a replay reads the generator's seed and offset)."""
+    captured and replayed steps, two graphs in one memory pool for two length buckets, give the eager step's
+    losses, learning rates and weights. The same kernels run in both, and dropout draws the same numbers (each
+    step reseeded; a replay reads the generator's seed and offset)."""
     runs = {}
     for mode in ("manual", "cuda_graph"):
         module, datamodule, trainer, record = build(tiny_checkpoint, generated_data, tmp_path / mode, 5,
-                                                    f"stage.module.step_mode={mode}", "trainer=gpu")
+                                                    f"stage.module.step_mode={mode}", "trainer=gpu", lengths=BUCKETS)
         trainer.fit(module, datamodule=datamodule)
         runs[mode] = (module, trainer, record)
     (_, _, eager), (module, trainer, graphed) = runs["manual"], runs["cuda_graph"]
-    assert trainer.global_step == 5 and module._whole_step.capture
+    steps = list(module._whole_steps.values())
+    assert trainer.global_step == 5 and len(steps) == 2 and all(step.capture for step in steps)
     assert graphed.lrs == pytest.approx(eager.lrs, rel=1e-6)
     assert graphed.losses == pytest.approx(eager.losses, rel=1e-3) and len(set(eager.losses)) == 5
     for ours, theirs in zip(graphed.weights, eager.weights):

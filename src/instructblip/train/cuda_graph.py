@@ -60,7 +60,10 @@ class CudaGraphTrainStep:
     ``skipped_steps`` (a tensor on the step's device, read it when you log) counts them. The warm-up steps set the
     flag too, so they run every kernel of the step without training. ``capture=False`` runs the same step eagerly,
     on any device (for debugging, and to check a graph against). ``max_grad_norm``: clip the gradients to this global
-    norm before the optimizer step (None: no clipping).
+    norm before the optimizer step (None: no clipping). ``pool``: another step's ``graph.pool()``, for steps of
+    other batch shapes over the same model and optimizer: their graphs then share one memory pool, which is safe
+    because a replay rewrites every pool tensor it reads (activations, gradients) before reading it, and the
+    tensors that outlive a replay (the optimizer's state, the inputs, the counters) are allocated outside.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class CudaGraphTrainStep:
         warmup_steps: int = 3,
         capture: bool = True,
         max_grad_norm: float | None = None,
+        pool=None,
     ):
         not_capturable = [i for i, group in enumerate(optimizer.param_groups) if not group.get("capturable", False)]
         if capture and not_capturable:
@@ -97,7 +101,8 @@ class CudaGraphTrainStep:
         device = batch["input_ids"].device
         self.skipped_steps = torch.zeros((), dtype=torch.long, device=device)
         self._warming_up = torch.ones((), device=device)
-        optimizer.found_inf = torch.zeros((), device=device)  # read by the fused step (what a GradScaler sets)
+        if not isinstance(getattr(optimizer, "found_inf", None), torch.Tensor):  # another shape's step set one
+            optimizer.found_inf = torch.zeros((), device=device)  # read by the fused step (what a GradScaler sets)
         if not capture:
             self._warming_up.zero_()
             return
@@ -112,7 +117,7 @@ class CudaGraphTrainStep:
         torch.cuda.current_stream().wait_stream(side)
         self._warming_up.zero_()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.loss, self.per_sample_loss = self._step(self.inputs)
 
     def _step(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

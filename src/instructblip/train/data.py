@@ -28,7 +28,7 @@ import json
 import os
 import random
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -354,21 +354,29 @@ def check_image_features(image_features: str | None, augment: bool, collate: str
 FIXED_LENGTH_KEYS = ("instruction", "target", "qformer")
 
 
-def check_fixed_lengths(fixed_lengths: dict[str, int] | None, collate: str) -> dict[str, int] | None:
-    """``data.fixed_lengths``: None, or a positive token count for each of instruction, target and qformer."""
+def check_fixed_lengths(fixed_lengths, collate: str) -> list[dict[str, int]] | None:
+    """``data.fixed_lengths``: None, one ``{instruction, target, qformer}`` of positive token counts, or a list of
+    them (length buckets, shortest first); returned as a list."""
     if fixed_lengths is None:
         return None
-    given = dict(fixed_lengths)
-    if sorted(given) != sorted(FIXED_LENGTH_KEYS):
-        raise ConfigError(f"data.fixed_lengths has keys {sorted(given)}; expected exactly "
-                          f"{', '.join(FIXED_LENGTH_KEYS)} (token counts), or null")
-    bad = {k: v for k, v in given.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
-    if bad:
-        raise ConfigError(f"data.fixed_lengths: {bad} must be positive integers (token counts)")
+    buckets = [fixed_lengths] if isinstance(fixed_lengths, Mapping) else list(fixed_lengths)
+    if not buckets:
+        raise ConfigError("data.fixed_lengths is an empty list; give {instruction, target, qformer} token counts")
+    checked = []
+    for index, bucket in enumerate(buckets):
+        where = f"data.fixed_lengths[{index}]" if len(buckets) > 1 else "data.fixed_lengths"
+        if not isinstance(bucket, Mapping) or sorted(bucket) != sorted(FIXED_LENGTH_KEYS):
+            keys = sorted(bucket) if isinstance(bucket, Mapping) else bucket
+            raise ConfigError(f"{where} has keys {keys}; expected exactly {', '.join(FIXED_LENGTH_KEYS)} (token "
+                              "counts), or null")
+        bad = {k: v for k, v in bucket.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
+        if bad:
+            raise ConfigError(f"{where}: {bad} must be positive integers (token counts)")
+        checked.append(dict(bucket))
     if collate != "instruction":
         raise ConfigError(f"data.fixed_lengths is set but data.collate={collate!r}; fixed lengths apply to the "
                           "instruction collate only")
-    return given
+    return checked
 
 
 class InstructBlipDataModule(pl.LightningDataModule):
@@ -385,9 +393,10 @@ class InstructBlipDataModule(pl.LightningDataModule):
     global stream, see :class:`~instructblip.data.length_grouping.LengthGroupedBatchSampler`); the same samples,
     the same mixture, the same resume and DDP layout, less padding. ``image_features``: a directory written by
     ``python -m instructblip.data.features`` for these training shards; needs ``augment=false`` and the
-    ``instruction`` collate. ``fixed_lengths``: ``{instruction, target, qformer}`` token counts: every training
-    batch is truncated to and padded to them (``InstructBlipProcessor.with_fixed_lengths``), so all have one shape,
-    as ``stage.module.step_mode=cuda_graph`` needs; ``instruction`` collate only.
+    ``instruction`` collate. ``fixed_lengths``: ``{instruction, target, qformer}`` token counts, or a list of them
+    (length buckets, shortest first): every training batch is padded to the first that holds its rows, rows longer
+    than the last truncated to it (``InstructBlipProcessor.with_fixed_lengths``), so batches take a few shapes, as
+    ``stage.module.step_mode=cuda_graph`` needs (one graph per shape); ``instruction`` collate only.
     """
 
     def __init__(
@@ -532,7 +541,7 @@ class InstructBlipDataModule(pl.LightningDataModule):
             sampler = GlobalBatchSampler(self.batch_size, rank, world_size, self.batches_consumed, remaining)
         processor = self.processor
         if self.fixed_lengths is not None:
-            processor = processor.with_fixed_lengths(**self.fixed_lengths)
+            processor = processor.with_fixed_lengths(self.fixed_lengths)
         collate = (
             CaptionCollate(processor, self.seed, self.max_text_length, train=self.augment)
             if self.collate == "caption" else InstructionCollate(processor, self.seed, train=self.augment)

@@ -161,8 +161,9 @@ class InstructBlipModule(pl.LightningModule):
         if step_mode not in STEP_MODES:
             raise ConfigError(f"stage.module.step_mode={step_mode!r}; allowed: {', '.join(STEP_MODES)}")
         self.step_mode = step_mode
-        self._whole_step = None  # the CudaGraphTrainStep of step_mode cuda_graph|manual, built at the first step
-        self._skipped_before_whole_step = 0  # non-finite skips counted before it was built (a resumed run's)
+        # the CudaGraphTrainSteps of step_mode cuda_graph (one per batch shape) or manual (one), built when needed
+        self._whole_steps: dict = {}
+        self._skipped_before_whole_step = 0  # non-finite skips counted before the first was built (a resume)
         # True: inductor; a string names another torch.compile backend ("aot_eager" checks the wrapping on a CPU)
         self.compile_backend = ("inductor" if compile is True else compile) or None
         # blocks: each transformer block its own graph (seconds to compile, FSDP-friendly); whole: the model's forward
@@ -280,13 +281,17 @@ class InstructBlipModule(pl.LightningModule):
         """step_mode cuda_graph|manual: one whole step (forward, backward, non-finite skip, clipping, optimizer) on
         the batch; (loss, per-sample loss), copied out of the graph's buffers."""
         inputs = self._model_inputs(batch)
-        if self._whole_step is None:
-            self._whole_step = self._build_whole_step(inputs)
+        # a graph replays one batch shape (data.fixed_lengths' buckets give a few); the eager step takes any
+        shape = tuple((name, tuple(value.shape)) for name, value in sorted(inputs.items()))
+        key = shape if self.step_mode == "cuda_graph" else None
+        step = self._whole_steps.get(key)
+        if step is None:
+            step = self._whole_steps[key] = self._build_whole_step(inputs)
             torch.manual_seed(seed)  # the warm-up and the capture drew numbers; this step starts where any other does
-        step = self._whole_step
         loss = step(inputs).clone()
         per_sample = None if step.per_sample_loss is None else step.per_sample_loss.clone()
-        skipped = int(step.skipped_steps) + self._skipped_before_whole_step  # one host read per step
+        counters = [whole.skipped_steps for whole in self._whole_steps.values()]
+        skipped = int(torch.stack(counters).sum()) + self._skipped_before_whole_step  # one host read per step
         self._count_nonfinite(bad=skipped > self.nonfinite_skipped)
         return loss, per_sample
 
@@ -295,15 +300,19 @@ class InstructBlipModule(pl.LightningModule):
 
         optimizer = self.trainer.optimizers[0]
         device = inputs["input_ids"].device
-        # the graph reads the learning rate from memory: tensors on the device, which torch's schedulers fill in place
-        for group in optimizer.param_groups:
-            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        if not self._whole_steps:
+            # the graphs read the learning rates from memory: tensors on the device, which torch's schedulers fill
+            # in place (every graph holds these very tensors)
+            for group in optimizer.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), device=device)
+            self._skipped_before_whole_step = self.nonfinite_skipped  # restored from a checkpoint, or 0
         precision = str(self.trainer.precision)
-        self._skipped_before_whole_step = self.nonfinite_skipped  # restored from a checkpoint, or 0
+        graphs = [whole.graph for whole in self._whole_steps.values() if whole.capture]
         return CudaGraphTrainStep(
             self.model, optimizer, inputs, {"return_logits": False},
             autocast_dtype=torch.bfloat16 if precision.startswith("bf16") else None,
             capture=self.step_mode == "cuda_graph", max_grad_norm=self.trainer.gradient_clip_val,
+            pool=graphs[0].pool() if graphs else None,
         )
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:

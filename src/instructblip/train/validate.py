@@ -164,9 +164,10 @@ def check_step_mode(cfg: DictConfig, strategy_name: str) -> None:
     single = strategy_name in ("auto", "single_device") and select("trainer.devices") in (1, "1") \
         and select("trainer.num_nodes", 1) == 1
     if not single:
-        raise ConfigError(f"{key} runs on one device (trainer.devices=1, strategy auto); got trainer.strategy="
-                          f"{strategy_name} trainer.devices={select('trainer.devices')}: use trainer=gpu or "
-                          "trainer=cpu, or stage.module.step_mode=automatic")
+        raise ConfigError(f"{key} runs on one device (trainer.devices=1, trainer.num_nodes=1, strategy auto); got "
+                          f"trainer.strategy={strategy_name} trainer.devices={select('trainer.devices')} "
+                          f"trainer.num_nodes={select('trainer.num_nodes', 1)}: use trainer=gpu (or trainer=cpu) with "
+                          "one device and one node, or stage.module.step_mode=automatic")
     if select("trainer.accumulate_grad_batches") != 1:
         raise ConfigError(f"{key} steps the optimizer on every micro-batch; trainer.accumulate_grad_batches="
                           f"{select('trainer.accumulate_grad_batches')} needs stage.module.step_mode=automatic")
@@ -188,5 +189,6 @@ def check_step_mode(cfg: DictConfig, strategy_name: str) -> None:
             raise ConfigError(f"{key} needs a GPU (trainer.accelerator={select('trainer.accelerator')}); use "
                               "trainer=gpu, or stage.module.step_mode=manual (the same step without the graph)")
         if select("data.fixed_lengths") is None:
-            raise ConfigError(f"{key} replays one captured shape: set data.fixed_lengths="
-                              "{instruction: N, target: N, qformer: N} (token counts every batch is padded to)")
+            raise ConfigError(f"{key} replays captured batch shapes: set data.fixed_lengths="
+                              "{instruction: N, target: N, qformer: N} (token counts every batch is padded to), or "
+                              "a list of them (length buckets)")
