@@ -7,8 +7,13 @@ The LLM input of a sample is ``[32 visual] BOS instruction answer EOS``. Batchin
 * ``model_packing``: what the model's LLM computes with ``model.overrides.pack_sequences=true``: each random batch
   packed into rows as long as its longest sample (``instructblip.model.packing.row_layout``, the model's own
   layout code); ``model_packing_grouped``: the same on the length-grouped batches;
-* ``packed``: the bound, the whole stream first-fit into rows of the longest sample overall.
- Samples are drawn from the 13 held-in
+* ``packed``: the bound, the whole stream first-fit into rows of the longest sample overall;
+* ``fixed_buckets`` / ``fixed_buckets_grouped``: what ``stage.module.step_mode=cuda_graph`` trains on (decoder-only
+  LLM), each random (length-grouped) batch padded to the first of ``--buckets`` whose width, visual + instruction +
+  target - BOS, holds its longest row (``data.fixed_lengths``), rows past the last bucket's lengths truncated
+  (``truncated_tokens``); ``fixed_one``: every batch padded to the last bucket alone.
+
+Samples are drawn from the 13 held-in
 datasets with the paper's sampling weights (sqrt of the training-set size, A-OKVQA x0.5, OK-VQA x2:
 ``instructblip.data.mixture.sampling_weights``); each dataset's instruction and answer lengths (LLaMA tokens) come
 from the length model below, the public sizes and typical lengths of each dataset (shards are not needed). Prints
@@ -70,10 +75,33 @@ def draw_text_lengths(samples: int, seed: int) -> tuple[list[tuple[int, int]], d
     return drawn, weights
 
 
-def draw_lengths(samples: int, seed: int) -> tuple[list[int], dict[str, float]]:
-    """LLM input lengths ``visual + BOS + instruction + answer`` of ``samples`` draws, and the mixture weights."""
-    drawn, weights = draw_text_lengths(samples, seed)
-    return [VISUAL_TOKENS + 1 + instruction + answer for instruction, answer in drawn], weights
+
+def bucket_padding_stats(drawn: list[tuple[int, int]], batches: list[list[int]], buckets: list[tuple[int, int]]) -> dict:
+    """Padding of ``batches`` padded to the first (instruction, target) bucket that holds every row, as
+    ``InstructBlipProcessor.with_fixed_lengths`` pads decoder-only rows: a row is BOS + instruction + answer (EOS
+    included), truncated to the last bucket's lengths (the answer shares ``target`` with the BOS), and fits a
+    bucket whose text width, instruction + target - BOS, holds it."""
+    last_instruction, last_target = buckets[-1]
+    widths = [instruction + target - 1 for instruction, target in buckets]
+    useful = padded = truncated = 0
+    used = [0] * len(buckets)
+    for batch in batches:
+        rows = []
+        for instruction, answer in (drawn[i] for i in batch):
+            kept = min(1 + instruction, last_instruction) + min(answer, last_target - 1)
+            truncated += 1 + instruction + answer - kept
+            rows.append(kept)
+        index = next((k for k, width in enumerate(widths) if max(rows) <= width), len(buckets) - 1)
+        used[index] += 1
+        useful += sum(VISUAL_TOKENS + row for row in rows)
+        padded += len(rows) * (VISUAL_TOKENS + widths[index])
+    return dict(
+        useful_tokens=useful,
+        padding_tokens=padded - useful,
+        padding_per_useful_token=(padded - useful) / useful if useful else 0.0,
+        truncated_tokens=truncated,
+        batches_per_bucket=used,
+    )
 
 
 def model_packing_stats(lengths: list[int], batches: list[list[int]]) -> dict:
@@ -99,9 +127,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=65536)
     parser.add_argument("--window-batches", type=int, default=64, help="length grouping window, in batches")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--buckets", default="16:17,24:17,32:17,32:33,64:33,64:65,96:97,128:129,128:256",
+                        help="data.fixed_lengths buckets as instruction:target token counts, shortest first")
     args = parser.parse_args()
+    buckets = [tuple(int(n) for n in bucket.split(":")) for bucket in args.buckets.split(",")]
 
-    lengths, weights = draw_lengths(args.samples, args.seed)
+    drawn, weights = draw_text_lengths(args.samples, args.seed)
+    lengths = [VISUAL_TOKENS + 1 + instruction + answer for instruction, answer in drawn]
     capacity = max(lengths)
     rows = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
@@ -117,6 +149,9 @@ def main() -> None:
             model_packing=model_packing_stats(lengths, random_batches),
             model_packing_grouped=model_packing_stats(lengths, grouped),
             packed=dict(**padding_stats(lengths, packed, row_capacity=capacity), row_capacity=capacity),
+            fixed_buckets=bucket_padding_stats(drawn, random_batches, buckets),
+            fixed_buckets_grouped=bucket_padding_stats(drawn, grouped, buckets),
+            fixed_one=bucket_padding_stats(drawn, random_batches, buckets[-1:]),
         )
         row["padding_reduction_grouped"] = (
             row["random"]["padding_per_useful_token"] / max(row["length_grouped"]["padding_per_useful_token"], 1e-12)
@@ -134,12 +169,16 @@ def main() -> None:
               f"{row['length_grouped']['padding_per_useful_token']:.3f}, model packing "
               f"{row['model_packing']['padding_per_useful_token']:.3f} (grouped "
               f"{row['model_packing_grouped']['padding_per_useful_token']:.3f}), packed bound "
-              f"{row['packed']['padding_per_useful_token']:.3f}", file=sys.stderr)
+              f"{row['packed']['padding_per_useful_token']:.3f}; fixed buckets "
+              f"{row['fixed_buckets']['padding_per_useful_token']:.3f} (grouped "
+              f"{row['fixed_buckets_grouped']['padding_per_useful_token']:.3f}), one fixed shape "
+              f"{row['fixed_one']['padding_per_useful_token']:.3f}", file=sys.stderr)
     mean = sum(lengths) / len(lengths)
     json.dump(dict(
         benchmark="padding", samples=len(lengths), window_batches=args.window_batches,
         mean_useful_tokens_per_sample=mean, max_tokens=capacity,
         share_of_long_samples=sum(w for n, w in weights.items() if n.startswith("llava")),
+        buckets=[dict(instruction=inst, target=target) for inst, target in buckets],
         sampling_weights=weights, date=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         command=" ".join(["experiments/bench/padding.py", *sys.argv[1:]]), rows=rows,
     ), sys.stdout, indent=2)

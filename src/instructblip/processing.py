@@ -349,9 +349,9 @@ class InstructBlipProcessor:
     def with_fixed_lengths(self, buckets: Sequence[Mapping[str, int]]) -> InstructBlipProcessor:
         """A copy whose training batches take one of a few fixed shapes (what a training step replayed as a CUDA
         graph needs: one graph per shape). ``buckets``: ``{instruction, target, qformer}`` token counts, each at
-        least the one before in all three. A batch is padded to the first bucket that holds every one of its rows;
-        rows longer than the last are truncated to it, as the processor always truncates (instructions and the
-        Q-Former text on the left, answers on the right). Generation batches are unchanged."""
+        least the one before in all three. A batch is padded to the first bucket that holds every one of its rows
+        (``_bucket_for``); rows longer than the last are truncated to it, as the processor always truncates
+        (instructions and the Q-Former text on the left, answers on the right). Generation batches are unchanged."""
         buckets = [{key: int(bucket[key]) for key in ("instruction", "target", "qformer")} for bucket in buckets]
         if not buckets:
             raise ConfigError("data.fixed_lengths is an empty list; give {instruction, target, qformer} token counts")
@@ -382,17 +382,22 @@ class InstructBlipProcessor:
         return {"qformer": bucket["qformer"], "text": bucket["instruction"], "labels": bucket["target"]}
 
     def _bucket_for(self, instructions, instruction_rows, target_rows) -> dict[str, int]:
-        """The first length bucket that holds every row of the batch (the last one holds the truncated rows)."""
+        """The first length bucket that holds every row of the batch (the last one holds the truncated rows).
+
+        A decoder-only row is one sequence, instruction then answer, padded on the right: it fits a bucket whose
+        text width holds it, whatever the split (so a short instruction leaves room for a longer answer). T5's
+        instruction and answer are two sequences, each within its own length."""
         qformer = self.qformer_tokenizer(list(instructions), truncation=True, max_length=self.max_qformer_length)
-        longest = {
-            "instruction": max(len(row) for row in instruction_rows),
-            # a decoder-only answer shares its bucket's target with the BOS (see _target_rows)
-            "target": max(len(row) for row in target_rows) + (len(self._prefix) if self.llm_kind == "decoder_only"
-                                                             else 0),
-            "qformer": max(len(ids) for ids in qformer["input_ids"]),
-        }
+        longest_qformer = max(len(ids) for ids in qformer["input_ids"])
+        if self.llm_kind == "decoder_only":
+            longest = max(len(i) + len(t) for i, t in zip(instruction_rows, target_rows))
+            fits = lambda widths: widths["text"] >= longest  # noqa: E731
+        else:
+            longest = (max(len(row) for row in instruction_rows), max(len(row) for row in target_rows))
+            fits = lambda widths: widths["text"] >= longest[0] and widths["labels"] >= longest[1]  # noqa: E731
         for bucket in self.length_buckets:
-            if all(longest[key] <= bucket[key] for key in longest):
+            widths = self.training_lengths(bucket)
+            if widths["qformer"] >= longest_qformer and fits(widths):
                 return bucket
         return self.length_buckets[-1]
 

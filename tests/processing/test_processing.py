@@ -305,27 +305,40 @@ def test_fixed_lengths_give_one_shape_with_the_rows_of_longest_padding(kind, req
 
 @pytest.mark.parametrize("kind", ["vicuna", "t5"])
 def test_length_buckets_pad_each_batch_to_the_first_that_holds_it(kind, request):
+    """Each batch takes the first bucket whose widths hold its longest rows, measured on the batch the processor
+    pads to the longest: a decoder-only row as one sequence (instruction and answer together), T5's instruction
+    and answer each in its own width, the Q-Former text in its own; past the last bucket, the last (truncated)."""
     processor = request.getfixturevalue(kind)
-    target = 1 if kind == "vicuna" else 2  # the test T5 tokenizer cuts the answer below into 28 pieces, Vicuna's 9
-    buckets = [{"instruction": 12, "target": 4 * target, "qformer": 12},
-               {"instruction": 24, "target": 16 * target, "qformer": 24},
-               {"instruction": 48, "target": 32 * target, "qformer": 48}]
+    scale = 1 if kind == "vicuna" else 3  # the test T5 tokenizer cuts text into about three times as many pieces
+    buckets = [{"instruction": 12, "target": 4 * scale, "qformer": 12},
+               {"instruction": 24, "target": 16 * scale, "qformer": 24},
+               {"instruction": 48, "target": 32 * scale, "qformer": 48}]
     fixed = processor.with_fixed_lengths(buckets)
+    unpadded = processor.with_fixed_lengths(buckets)
+    unpadded.length_buckets = None
     widths = [fixed.training_lengths(bucket) for bucket in buckets]
     cases = [
-        ((["how many?"], ["three"]), 0),
-        ((["how many?"], ["a red square next to a blue circle"]), 1),  # a longer answer: the second bucket
-        ((["describe the picture briefly, please, with every shape. " * 2], ["three"]), 2),  # a long instruction
-        ((["red " * 200], ["kite " * 200]), 2),  # longer than the last: truncated to it
+        (["how many?"], ["three"]),
+        (["how many?"], ["a red square next to a blue circle and a green kite"]),
+        (["describe the picture briefly, please, with every shape. " * 2], ["three"]),
+        (["red " * 200], ["kite " * 200]),  # longer than the last bucket: truncated to it
     ]
-    for (instructions, targets), expected in cases:
-        batch = fixed.training_batch(None, instructions, targets)
-        assert batch["input_ids"].shape[1] == widths[expected]["text"], (instructions, targets)
-        assert batch["qformer_input_ids"].shape[1] == widths[expected]["qformer"]
-        # below the last bucket nothing was truncated: the rows are those of a processor padding to the longest
-        if expected < 2:
-            usual = processor.training_batch(None, instructions, targets)
-            assert torch.equal(batch["labels"][:, : usual["labels"].shape[1]], usual["labels"])
+    chosen = []
+    for instructions, targets in cases:
+        batch, usual = (p.training_batch(None, instructions, targets) for p in (fixed, unpadded))
+        longest = {"text": int(usual["attention_mask"].sum(1).max()),
+                   "qformer": int(usual["qformer_attention_mask"].sum(1).max())}
+        if kind == "t5":
+            longest["labels"] = int(usual["decoder_attention_mask"].sum(1).max())
+        index = next((k for k, w in enumerate(widths) if all(w[key] >= n for key, n in longest.items())),
+                     len(buckets) - 1)
+        chosen.append(index)
+        assert batch["input_ids"].shape[1] == widths[index]["text"], (instructions, targets)
+        assert batch["qformer_input_ids"].shape[1] == widths[index]["qformer"]
+        assert batch["labels"].shape[1] == widths[index].get("labels", widths[index]["text"])
+        for key, value in usual.items():  # the same rows, then padding
+            assert torch.equal(batch[key][:, : value.shape[1]], value), key
+    assert len(set(chosen)) == 3 and chosen[-1] == 2, chosen  # the cases reach every bucket
 
 
 def test_fixed_lengths_refuse_impossible_values(vicuna):
