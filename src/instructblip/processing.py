@@ -388,16 +388,15 @@ class InstructBlipProcessor:
         text width holds it, whatever the split (so a short instruction leaves room for a longer answer). T5's
         instruction and answer are two sequences, each within its own length."""
         qformer = self.qformer_tokenizer(list(instructions), truncation=True, max_length=self.max_qformer_length)
-        longest_qformer = max(len(ids) for ids in qformer["input_ids"])
+        needed = {"qformer": max(len(ids) for ids in qformer["input_ids"])}
         if self.llm_kind == "decoder_only":
-            longest = max(len(i) + len(t) for i, t in zip(instruction_rows, target_rows))
-            fits = lambda widths: widths["text"] >= longest  # noqa: E731
+            needed["text"] = max(len(i) + len(t) for i, t in zip(instruction_rows, target_rows))
         else:
-            longest = (max(len(row) for row in instruction_rows), max(len(row) for row in target_rows))
-            fits = lambda widths: widths["text"] >= longest[0] and widths["labels"] >= longest[1]  # noqa: E731
+            needed["text"] = max(len(row) for row in instruction_rows)
+            needed["labels"] = max(len(row) for row in target_rows)
         for bucket in self.length_buckets:
             widths = self.training_lengths(bucket)
-            if widths["qformer"] >= longest_qformer and fits(widths):
+            if all(widths[key] >= length for key, length in needed.items()):
                 return bucket
         return self.length_buckets[-1]
 
