@@ -8,7 +8,11 @@ Variants: ``parallelize`` as it is (the LLM head a unit of its own); the head le
 anomaly mode (a failing backward names its forward op); the full logits instead of the labelled positions; a full
 state dict between the steps, as Lightning saves one; the root keeping its parameters after backward; the model
 built on the CPU, moved by ``fully_shard`` and then by ``.to(device)``, as Lightning's ModelParallelStrategy does
-(its GPU test still failed after the head change, while the probe's own steps ran).
+(its GPU test still failed after the head change, while the probe's own steps ran); Lightning's autocast
+(``cache_enabled=False``, its bf16-mixed plugin's); what ``InstructBlipModule.training_step`` does with the outputs
+between forward and backward (the per-dataset losses by a mask, the finiteness read on the host, the logged
+copies); and all three together. (On a CPU, Lightning's own FSDP step, ``trainer=fsdp`` with bf16-mixed under gloo,
+ran three steps on 2026-11-27, so what fails on the GPU is CUDA's side.)
 """
 
 from __future__ import annotations
@@ -74,16 +78,31 @@ def save_like_lightning(model, optimizer) -> None:
     get_optimizer_state_dict(model, optimizer, options=options)
 
 
+def like_the_module(output, batch) -> None:
+    """What the Lightning module's training_step does with the outputs before Lightning's backward."""
+    loss, per_sample = output.loss, output.per_sample_loss.detach()
+    bool(torch.isfinite(loss.detach()))
+    float(loss.detach().float())
+    for name in ("a", "b"):
+        rows = torch.tensor([name == "a", name == "b"], device=per_sample.device)
+        float(per_sample[rows].mean())
+    loss.detach().clone()  # Lightning's closure keeps a copy
+
+
 def run(mesh, name: str, steps: int = 2, return_logits: bool = False, anomaly: bool = False, save: bool = False,
-        **build_flags) -> None:
+        lightning_autocast: bool = False, module_ops: bool = False, **build_flags) -> None:
     print(f"== {name}", flush=True)
     try:
         model = build(mesh, **build_flags)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         for step in range(steps):
             with torch.autograd.set_detect_anomaly(anomaly):
-                with torch.autocast(DEVICE, torch.bfloat16):
-                    loss = model(**preset_training_batch(DEVICE, step), return_logits=return_logits).loss
+                batch = preset_training_batch(DEVICE, step)
+                with torch.autocast(DEVICE, torch.bfloat16, cache_enabled=not lightning_autocast):
+                    output = model(**batch, return_logits=return_logits)
+                    if module_ops:
+                        like_the_module(output, batch)
+                loss = output.loss
                 loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -114,6 +133,10 @@ def main() -> None:
         run(mesh, "parallelize, a full state dict after each step", save=True)
         run(mesh, "parallelize, built on the CPU and moved as Lightning does", like_lightning=True)
         run(mesh, "the same, anomaly mode", like_lightning=True, anomaly=True)
+        run(mesh, "parallelize, Lightning's autocast (cache_enabled=False)", lightning_autocast=True)
+        run(mesh, "parallelize, the module's ops on the outputs before backward", module_ops=True)
+        run(mesh, "parallelize, built and moved as Lightning does, its autocast and the module's ops",
+            like_lightning=True, lightning_autocast=True, module_ops=True)
     finally:
         dist.destroy_process_group()
 
