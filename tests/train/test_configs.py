@@ -87,7 +87,6 @@ def test_config_errors_name_the_key_and_the_allowed_values(tmp_path):
     cases = {
         ("trainer.max_steps=ten",): r"trainer.max_steps='ten' \(str\); expected an integer > 0",
         ("data.sampling=balanced",): r"data.sampling='balanced'.*sqrt, proportional, uniform, explicit",
-        ("trainer=fsdp", "trainer.accelerator=cpu"): r"trainer=fsdp needs GPUs.*trainer=cpu or trainer=ddp_cpu",
         ("stage=blip2_stage2", "model.overrides.instruction_aware=true"):
             r"instruction_aware=true is impossible with stage=blip2_stage2.*allowed: false",
         ("optimizer.lr=-1",): r"optimizer.lr=-1 \(int\); expected a number > 0",

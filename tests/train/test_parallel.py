@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -73,6 +75,78 @@ def test_the_output_head_is_a_unit_of_its_own_and_a_sharded_step_runs(tied, tmp_
         assert model.query_tokens.grad is not None
     finally:
         dist.destroy_process_group()
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.fixture
+def restored_environment():
+    """``os.environ`` as it was before the test: an in-process distributed Lightning run sets WORLD_SIZE, LOCAL_RANK,
+    MASTER_PORT, ..., with which a later test's launcher would take itself for an already spawned rank and wait."""
+    before = dict(os.environ)
+    yield
+    for name in set(os.environ) - set(before):
+        del os.environ[name]
+    os.environ.update(before)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_fsdp_trainer_on_a_cpu_trains_checkpoints_and_resumes_exactly(precision, tiny_checkpoint, generated_data,
+                                                                       tmp_path, restored_environment):
+    """trainer=fsdp (Lightning's ModelParallelStrategy, parallelize's FSDP2 units) on a CPU under gloo: every
+    parameter sharded, the checkpoint holds the trainable weights, and a run interrupted after its step-2 checkpoint
+    and resumed from it ends with the uninterrupted run's weights. Under 32-true the parameters are gathered in
+    fp32 (in bf16 they would meet fp32 activations without autocast)."""
+    import socket
+
+    import lightning.pytorch as pl
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from instructblip.train.run import build
+
+    with socket.socket() as probe:  # the in-process group's rendezvous on a free port
+        probe.bind(("127.0.0.1", 0))
+        os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+
+    def run(run_dir, stop_before=None, resume=None):
+        cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data, steps=4), "trainer=fsdp",
+                       "trainer.accelerator=cpu", "trainer.devices=1", f"trainer.precision={precision}",
+                       "callbacks=default", "callbacks.progress_bar=null", "callbacks.throughput=null",
+                       "checkpoint.every_n_steps=2", "checkpoint.export_huggingface=false"], run_dir)
+        module, datamodule, trainer = build(cfg)
+
+        class Stop(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == stop_before:
+                    raise _Interrupt
+
+        trainer.callbacks.append(Stop())
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=False)
+        except _Interrupt:
+            pass
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        return module, trainer
+
+    module, trainer = run(tmp_path / "whole")
+    assert trainer.global_step == 4 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert all(isinstance(p, DTensor) for p in module.model.parameters())
+    checkpoint = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert set(checkpoint["state_dict"]) == {f"model.{n}" for n in module.trainable_names}
+    expected = {k: v.full_tensor() for k, v in module.trainable_state_dict().items()}
+
+    _, trainer = run(tmp_path / "cut", stop_before=3)
+    assert trainer.global_step == 3
+    module, trainer = run(tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoints" / "step=2.ckpt"))
+    assert trainer.global_step == 4
+    resumed = {k: v.full_tensor() for k, v in module.trainable_state_dict().items()}
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected), "the resumed run ended elsewhere"
 
 
 @pytest.mark.gpu

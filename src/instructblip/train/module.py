@@ -118,6 +118,28 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, decoder_only: bo
     return token_loss.sum(dim=1) / counts
 
 
+def rng_states_for_checkpoint(states: dict) -> dict:
+    """Lightning's RNG states with numpy's key array as a tensor: the checkpoint then loads with torch.load's
+    ``weights_only=True``, which Lightning's ModelParallelStrategy (trainer=fsdp) uses on resume whatever fit is
+    told (Lightning 2.6)."""
+    states = dict(states)
+    if "numpy" in states:
+        name, keys, *rest = states["numpy"]
+        states["numpy"] = (name, torch.from_numpy(keys.astype("int64")), *rest)
+    return states
+
+
+def rng_states_from_checkpoint(states: dict) -> dict:
+    """The inverse of :func:`rng_states_for_checkpoint` (checkpoints written before it hold the array itself)."""
+    import numpy as np
+
+    states = dict(states)
+    if "numpy" in states and isinstance(states["numpy"][1], torch.Tensor):
+        name, keys, *rest = states["numpy"]
+        states["numpy"] = (name, keys.numpy().astype(np.uint32), *rest)
+    return states
+
+
 class InstructBlipModule(pl.LightningModule):
     """One generative stage. ``model``: a factory returning the plain model with ``.processor`` (built in
     :meth:`configure_model`, so FSDP can shard it as it is built); ``optimizer``/``scheduler``: partial factories
@@ -465,26 +487,32 @@ class InstructBlipModule(pl.LightningModule):
             "nonfinite_skipped": self.nonfinite_skipped,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "samples_seen": dict(self.samples_seen),
-            "rng": _collect_rng_states(include_cuda=torch.cuda.is_available()),
+            "rng": rng_states_for_checkpoint(_collect_rng_states(include_cuda=torch.cuda.is_available())),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from lightning.fabric.utilities.seed import _set_rng_states
 
-        saved = set(checkpoint.get("state_dict", {}))
-        expected = {f"model.{name}" for name in self.trainable_names}
-        missing = sorted(expected - saved)
-        if missing and self.trainable_names:
-            raise CheckpointError(
-                f"resume checkpoint lacks trainable weights {missing[:3]}{' ...' if len(missing) > 3 else ''} "
-                f"(it was written for stage.trainable={checkpoint.get('instructblip', {}).get('trainable')})"
-            )
         extra = checkpoint.get("instructblip", {})
+        if "state_dict" in checkpoint:
+            saved = set(checkpoint["state_dict"])
+            expected = {f"model.{name}" for name in self.trainable_names}
+            missing = sorted(expected - saved)
+            if missing and self.trainable_names:
+                raise CheckpointError(
+                    f"resume checkpoint lacks trainable weights {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+                    f"(it was written for stage.trainable={extra.get('trainable')})"
+                )
+        elif extra.get("trainable", self.trainable_prefixes) != self.trainable_prefixes:
+            # trainer=fsdp's strategy loads the weights itself (not strictly: the frozen ones are not saved) and
+            # hands the rest over: what was trained must be what trains now
+            raise CheckpointError(f"resume checkpoint was written for stage.trainable={extra.get('trainable')}; "
+                                  f"this run trains {self.trainable_prefixes}")
         self.nonfinite_skipped = int(extra.get("nonfinite_skipped", 0))
         self.nonfinite_in_a_row = int(extra.get("nonfinite_in_a_row", 0))
         self.samples_seen = Counter(extra.get("samples_seen", {}))
         if "rng" in extra:
-            _set_rng_states(extra["rng"])
+            _set_rng_states(rng_states_from_checkpoint(extra["rng"]))
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable parameters by model parameter name (the sharing file and the export start from it)."""

@@ -8,9 +8,10 @@ Units are all-frozen or all-trainable by construction (a block belongs to one to
 spent on frozen weights; the one exception is the last Q-Former layer, whose text branch (no output depends on it,
 see ``InstructBlip.unused_parameter_names``) is frozen inside a trained layer, a mixed group as the root is.
 
-Mixed precision is FSDP2's: parameters all-gathered in bf16, gradients reduced in fp32, sharded master weights in
-fp32. The frozen towers stay fp32 *sharded* (1/N each) rather than bf16-cast, because one ``fully_shard`` group
-(the root) holds both frozen and trainable tensors and FSDP2 needs one storage dtype per group.
+Mixed precision is FSDP2's: parameters all-gathered in the trainer's compute dtype (bf16 under bf16-mixed; fp32
+under 32-true), gradients reduced in fp32, sharded master weights in fp32. The frozen towers stay fp32 *sharded*
+(1/N each) rather than bf16-cast, because one ``fully_shard`` group (the root) holds both frozen and trainable
+tensors and FSDP2 needs one storage dtype per group.
 
 ``generate`` and ``rank`` are not ``forward``: they are registered as FSDP forward methods so that calling them
 all-gathers the root's parameters first.
@@ -73,11 +74,18 @@ def output_head_unit(model: nn.Module) -> list[nn.Module]:
     return [embeddings, head] if embeddings.weight is head.weight else [head]
 
 
+def compute_dtype(trainer) -> torch.dtype | None:
+    """The dtype FSDP all-gathers the parameters in: the trainer's mixed precision (bf16-mixed: bf16), else the
+    stored one (32-true: fp32; an all-gather in bf16 would meet fp32 activations outside autocast)."""
+    precision = str(getattr(trainer, "precision", "bf16-mixed"))
+    return {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
+
+
 def parallelize(model: nn.Module, trainer) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = trainer.strategy.device_mesh["data_parallel"]
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype(trainer), reduce_dtype=torch.float32)
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     head_unit = output_head_unit(model)
