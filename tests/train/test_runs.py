@@ -72,18 +72,28 @@ def test_sigkill_mid_run_then_resume_ends_bitwise_equal(smoke_run, tmp_path):
     assert all(torch.equal(resumed[k], reference[k]) for k in reference), "resumed weights differ from the reference"
 
 
-def test_ddp_two_processes_follow_the_single_process_trajectory(tiny_checkpoint, generated_data, tmp_path):
+# 2 processes under gloo: DDP, and FSDP2 (trainer=fsdp on the CPU, fp32: its shards all-gathered, its gradients
+# reduce-scattered, the checkpoint gathered on rank 0)
+TWO_RANKS = {
+    "ddp": ["trainer=ddp_cpu"],
+    "fsdp": ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.num_nodes=1",
+             "trainer.precision=32-true"],
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(TWO_RANKS))
+def test_two_processes_follow_the_single_process_trajectory(strategy, tiny_checkpoint, generated_data, tmp_path):
     """2 ranks x batch 2 (gloo) against 1 process x batch 2 x 2 accumulated micro-batches: the same 4 samples per
     optimiser step (GlobalBatchSampler), the same dropout (seeded by sample position), so the same weights after
-    every step up to float rounding (DDP averages rank gradients, accumulation sums halves)."""
+    every step up to float rounding (DDP and FSDP average rank gradients, accumulation sums halves)."""
     from instructblip.train.run import build
     from lightning.pytorch.callbacks import Callback
 
     common = [f"model.pretrained={tiny_checkpoint}", f"data.generate.out_dir={generated_data}",
               "data.generate.samples_per_dataset=32", "data.generate.samples_per_shard=16",
               "data.generate.image_size=32", "data.batch_size=2", "trainer.max_steps=3", "validation.every_n_steps=null"]
-    ddp_dir = tmp_path / "ddp"
-    train_cli(["experiment=smoke", "trainer=ddp_cpu", "logger=none", "checkpoint.every_n_steps=1",
+    ddp_dir = tmp_path / strategy
+    train_cli(["experiment=smoke", *TWO_RANKS[strategy], "logger=none", "checkpoint.every_n_steps=1",
                "checkpoint.keep_last=3", "checkpoint.export_huggingface=false", f"hydra.run.dir={ddp_dir}", *common])
 
     class Snapshots(Callback):
