@@ -11,7 +11,7 @@ built on the CPU, moved by ``fully_shard`` and then by ``.to(device)``, as Light
 (its GPU test still failed after the head change, while the probe's own steps ran); Lightning's autocast
 (``cache_enabled=False``, its bf16-mixed plugin's); what ``InstructBlipModule.training_step`` does with the outputs
 between forward and backward (the per-dataset losses by a mask, the finiteness read on the host, the logged
-copies); and all three together. (On a CPU, Lightning's own FSDP step, ``trainer=fsdp`` with bf16-mixed under gloo,
+copies); all three together; the GPU test's model (the tiny checkpoint) alone and with all three. (On a CPU, Lightning's own FSDP step, ``trainer=fsdp`` with bf16-mixed under gloo,
 ran three steps on 2026-11-27, so what fails on the GPU is CUDA's side.)
 """
 
@@ -46,11 +46,25 @@ def _trainer(mesh):
     return trainer
 
 
-def build(mesh, head_in_root: bool = False, root_keeps_parameters: bool = False, like_lightning: bool = False):
+def checkpoint_model() -> InstructBlip:
+    """The GPU test's model: the tiny checkpoint ``make_tiny_checkpoint`` writes, read by ``from_pretrained``."""
+    import tempfile
+
+    from instructblip.testing import make_tiny_checkpoint
+
+    path = os.path.join(tempfile.mkdtemp(), "tiny_checkpoint")
+    make_tiny_checkpoint(path, "llama")
+    return InstructBlip.from_pretrained(path)
+
+
+def build(mesh, head_in_root: bool = False, root_keeps_parameters: bool = False, like_lightning: bool = False,
+          from_checkpoint: bool = False):
     """``like_lightning``: as Lightning's ModelParallelStrategy does it, the model is built on the CPU, moved by
-    ``fully_shard`` and then given to ``.to(device)`` (its ``model_to_device`` after ``configure_model``)."""
+    ``fully_shard`` and then given to ``.to(device)`` (its ``model_to_device`` after ``configure_model``).
+    ``from_checkpoint``: the GPU test's model instead of the preset's."""
     torch.manual_seed(0)
-    model = InstructBlip(get_preset("tiny-llama")).to("cpu" if like_lightning else DEVICE)
+    model = checkpoint_model() if from_checkpoint else InstructBlip(get_preset("tiny-llama"))
+    model = model.to("cpu" if like_lightning else DEVICE)
     select_trainable(model, ["query_tokens", "qformer", "projection", "vision.ln_vision"])
     freeze_unused(model)
     frozen = frozen_modules(model)
@@ -137,6 +151,9 @@ def main() -> None:
         run(mesh, "parallelize, the module's ops on the outputs before backward", module_ops=True)
         run(mesh, "parallelize, built and moved as Lightning does, its autocast and the module's ops",
             like_lightning=True, lightning_autocast=True, module_ops=True)
+        run(mesh, "parallelize, the GPU test's model (the tiny checkpoint)", from_checkpoint=True)
+        run(mesh, "the same, built and moved as Lightning does, its autocast and the module's ops",
+            from_checkpoint=True, like_lightning=True, lightning_autocast=True, module_ops=True)
     finally:
         dist.destroy_process_group()
 
