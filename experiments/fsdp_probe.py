@@ -11,7 +11,8 @@ built on the CPU, moved by ``fully_shard`` and then by ``.to(device)``, as Light
 (its GPU test still failed after the head change, while the probe's own steps ran); Lightning's autocast
 (``cache_enabled=False``, its bf16-mixed plugin's); what ``InstructBlipModule.training_step`` does with the outputs
 between forward and backward (the per-dataset losses by a mask, the finiteness read on the host, the logged
-copies); all three together; the GPU test's model (the tiny checkpoint) alone and with all three. (On a CPU, Lightning's own FSDP step, ``trainer=fsdp`` with bf16-mixed under gloo,
+copies); all three together; the data dimension of Lightning's 2-D device mesh; the GPU test's model (the tiny
+checkpoint) alone, and with all of these. (On a CPU, Lightning's own FSDP step, ``trainer=fsdp`` with bf16-mixed under gloo,
 ran three steps on 2026-11-27, so what fails on the GPU is CUDA's side.)
 """
 
@@ -136,8 +137,23 @@ def main() -> None:
     if DEVICE == "cuda":
         torch.cuda.set_device(0)
     mesh = init_device_mesh(DEVICE, (1,), mesh_dim_names=("data_parallel",))
+    # what Lightning's ModelParallelStrategy builds: a 2-D (data, tensor) mesh, of which parallelize takes the data
+    # dimension (a sub-mesh with process groups of its own)
+    lightning_mesh = init_device_mesh(DEVICE, (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
     try:
+        # the variants closest to Lightning's failing step first (a variant that poisons the process with an illegal
+        # memory access would fail every one after it); then session 15's head variants
         run(mesh, "parallelize (the head a unit of its own)")
+        run(lightning_mesh["data_parallel"], "parallelize on Lightning's 2-D mesh")
+        run(mesh, "parallelize, the GPU test's model (the tiny checkpoint)", from_checkpoint=True)
+        run(mesh, "parallelize, Lightning's autocast (cache_enabled=False)", lightning_autocast=True)
+        run(mesh, "parallelize, the module's ops on the outputs before backward", module_ops=True)
+        run(mesh, "parallelize, built on the CPU and moved as Lightning does", like_lightning=True)
+        run(mesh, "parallelize, built and moved as Lightning does, its autocast and the module's ops",
+            like_lightning=True, lightning_autocast=True, module_ops=True)
+        run(lightning_mesh["data_parallel"], "the GPU test's model on Lightning's 2-D mesh, built and moved as "
+            "Lightning does, its autocast and the module's ops", from_checkpoint=True, like_lightning=True,
+            lightning_autocast=True, module_ops=True)
         run(mesh, "the head in the root", head_in_root=True)
         run(mesh, "the head in the root, anomaly mode", head_in_root=True, anomaly=True)
         run(mesh, "the head in the root, full logits", head_in_root=True, return_logits=True)
@@ -145,15 +161,7 @@ def main() -> None:
         run(mesh, "the head in the root, the root keeps its parameters after backward", head_in_root=True,
             root_keeps_parameters=True)
         run(mesh, "parallelize, a full state dict after each step", save=True)
-        run(mesh, "parallelize, built on the CPU and moved as Lightning does", like_lightning=True)
-        run(mesh, "the same, anomaly mode", like_lightning=True, anomaly=True)
-        run(mesh, "parallelize, Lightning's autocast (cache_enabled=False)", lightning_autocast=True)
-        run(mesh, "parallelize, the module's ops on the outputs before backward", module_ops=True)
-        run(mesh, "parallelize, built and moved as Lightning does, its autocast and the module's ops",
-            like_lightning=True, lightning_autocast=True, module_ops=True)
-        run(mesh, "parallelize, the GPU test's model (the tiny checkpoint)", from_checkpoint=True)
-        run(mesh, "the same, built and moved as Lightning does, its autocast and the module's ops",
-            from_checkpoint=True, like_lightning=True, lightning_autocast=True, module_ops=True)
+        run(mesh, "parallelize, built and moved as Lightning does, anomaly mode", like_lightning=True, anomaly=True)
     finally:
         dist.destroy_process_group()
 

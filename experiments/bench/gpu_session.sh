@@ -84,7 +84,7 @@ job 100 pytest-gpu bash -c "'$PY' -m pytest -m gpu -q -p no:cacheprovider tests/
     tests/train/test_cuda_graph.py tests/train/test_step_modes.py tests/data/test_image_features.py; \
     '$PY' -m pytest -m gpu -q -p no:cacheprovider tests/model/test_model_presets.py tests/model/test_speed_levers.py"
 #    And the FSDP probe: FSDP2 steps of the tiny model without Lightning, in variants (experiments/fsdp_probe.py).
-job 60 fsdp_probe "$PY" experiments/fsdp_probe.py
+job 90 fsdp_probe "$PY" experiments/fsdp_probe.py
 # 1b. Greedy generation, Vicuna-7B, batch 1 and 16 (issue 7: 250 and 3500 tokens/s): ours' whole decode step
 #    replayed as one CUDA graph, over the eager forward and over a compiled one (30-40 s to compile), against
 #    transformers' generate and ours' loop (dynamic caches).
