@@ -140,3 +140,25 @@ def test_progress_bar_off_leaves_the_default_callbacks_usable(tiny_checkpoint, g
     _, _, trainer = build(cfg)
     assert not any(isinstance(callback, ProgressBar) for callback in trainer.callbacks)
     assert any(isinstance(callback, ModelCheckpoint) for callback in trainer.callbacks)
+
+
+def test_manual_step_mode_under_ddp_trains_like_lightnings_ddp_step(tiny_checkpoint, generated_data, tmp_path):
+    """stage.module.step_mode=manual on 2 ranks (gloo): the step averages the gradients itself (DDP's reducer kept
+    out) and gives, step by step, the weights of Lightning's own DDP step on the same batches."""
+    common = ["experiment=smoke", "trainer=ddp_cpu", "logger=none", f"model.pretrained={tiny_checkpoint}",
+              f"data.generate.out_dir={generated_data}", "data.generate.samples_per_dataset=32",
+              "data.generate.samples_per_shard=16", "data.generate.image_size=32", "data.batch_size=2",
+              "trainer.max_steps=3", "validation.every_n_steps=null", "checkpoint.every_n_steps=1",
+              "checkpoint.keep_last=3", "checkpoint.export_huggingface=false", "optimizer.lr=1e-2"]
+    for mode in ("automatic", "manual"):
+        train_cli([*common, f"stage.module.step_mode={mode}", f"hydra.run.dir={tmp_path / mode}"])
+    moved = False
+    for step in (1, 2, 3):
+        states = [torch.load(tmp_path / mode / "checkpoints" / f"step={step}.ckpt", map_location="cpu",
+                             weights_only=False)["state_dict"] for mode in ("automatic", "manual")]
+        assert states[0].keys() == states[1].keys()
+        for key in states[0]:
+            torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-4, atol=1e-6, msg=f"{step}: {key}")
+        moved = moved or step > 1 and any(not torch.equal(states[0][k], first[k]) for k in first)
+        first = states[0] if step == 1 else first
+    assert moved, "the weights did not change between steps"

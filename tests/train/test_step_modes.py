@@ -142,7 +142,9 @@ def test_step_modes_refuse_what_they_cannot_run(tmp_path):
         ("stage.module.step_mode=eager",): r"stage.module.step_mode='eager'.*automatic, cuda_graph, manual",
         (graph, FIXED): r"step_mode=cuda_graph needs a GPU \(trainer.accelerator=cpu\).*step_mode=manual",
         (graph, "trainer=gpu"): r"step_mode=cuda_graph replays captured batch shapes: set data.fixed_lengths",
-        (manual, "trainer=ddp_cpu"): r"step_mode=manual runs on one device.*trainer=gpu \(or trainer=cpu\) with one device and one node",
+        (manual, "trainer=fsdp", "trainer.accelerator=cpu"): r"step_mode=manual runs on one device .* or under DDP "
+                                                             r"\(trainer=ddp, trainer=ddp_cpu\).*trainer=fsdp use",
+        (manual, "trainer=cpu", "trainer.devices=2"): r"step_mode=manual runs on one device",
         (manual, "trainer.accumulate_grad_batches=2"): r"trainer.accumulate_grad_batches=2 needs .*automatic",
         (manual, "trainer.precision=16-mixed"): r"trainer.precision=16-mixed; allowed: 32-true, bf16-mixed",
         (manual, "stage.module.loss_weighting=sample"): r"loss_weighting=sample needs stage.module.step_mode=auto",

@@ -64,6 +64,9 @@ class CudaGraphTrainStep:
     other batch shapes over the same model and optimizer: their graphs then share one memory pool, which is safe
     because a replay rewrites every pool tensor it reads (activations, gradients) before reading it, and the
     tensors that outlive a replay (the optimizer's state, the inputs, the counters) are allocated outside.
+    ``average_gradients``: data parallel over the default process group, as DDP does it (the wrapper's own reducer
+    kept out): the gradients are all-reduced and averaged after backward, and the loss summed, so every rank takes
+    the same non-finite decision and clips by the same norm (NCCL collectives are captured into the graph).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class CudaGraphTrainStep:
         capture: bool = True,
         max_grad_norm: float | None = None,
         pool=None,
+        average_gradients: bool = False,
     ):
         not_capturable = [i for i, group in enumerate(optimizer.param_groups) if not group.get("capturable", False)]
         if capture and not_capturable:
@@ -98,6 +102,7 @@ class CudaGraphTrainStep:
         self.autocast_dtype = autocast_dtype
         self.capture = capture
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.average_gradients = average_gradients
         device = batch["input_ids"].device
         self.skipped_steps = torch.zeros((), dtype=torch.long, device=device)
         self._warming_up = torch.ones((), device=device)
@@ -131,8 +136,11 @@ class CudaGraphTrainStep:
             output = self.model(**inputs, **self.forward_kwargs)
         output.loss.backward()
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        loss = output.loss.detach()
+        if self.average_gradients:
+            loss = self._average(grads, loss)
         norm = torch.nn.utils.get_total_norm(grads)
-        finite = torch.isfinite(output.loss.detach()) & torch.isfinite(norm)
+        finite = torch.isfinite(loss) & torch.isfinite(norm)
         self.skipped_steps.add_((~finite).long() * (1 - self._warming_up.long()))
         if self.max_grad_norm is not None:  # on the device, no host read: the scale factor is clamped there
             torch.nn.utils.clip_grads_with_norm_(grads, self.max_grad_norm, norm)
@@ -140,6 +148,19 @@ class CudaGraphTrainStep:
         self.optimizer.step()
         per_sample = getattr(output, "per_sample_loss", None)
         return output.loss.detach(), None if per_sample is None else per_sample.detach()
+
+    @staticmethod
+    def _average(grads: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+        """Every rank's gradients averaged in place (sum, then 1 / world size: gloo has no average); the loss summed
+        over the ranks, for the non-finite test only."""
+        import torch.distributed as dist
+
+        for grad in grads:
+            dist.all_reduce(grad)
+        torch._foreach_mul_(grads, 1.0 / dist.get_world_size())
+        total = loss.clone()
+        dist.all_reduce(total)
+        return total
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if not self.capture:  # the optimizer reads its learning rates at each step

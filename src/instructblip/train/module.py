@@ -20,8 +20,9 @@ the benchmark measured 2.4x / 1.7x the samples/s of transformers compiled at bat
 training_step replays it and the ``optimizer_step`` hook only runs training_step, so Lightning still counts the
 step, steps the schedule (the learning rates become tensors on the device, updated in place) and saves the
 optimizer. ``manual`` is the same step without the graph, on any device: it tells a capture problem from a step
-problem. Both need one device, batches of one shape (``data.fixed_lengths``) and no gradient accumulation
-(``validate.check_step_mode``); the non-finite guard and clipping (``trainer.gradient_clip_val``) run inside the step.
+problem. Both need batches of a few shapes (``data.fixed_lengths``), no gradient accumulation and one device or DDP
+(``validate.check_step_mode``); the non-finite guard, clipping (``trainer.gradient_clip_val``) and, under DDP, the
+gradient average run inside the step.
 """
 
 from __future__ import annotations
@@ -253,8 +254,6 @@ class InstructBlipModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         # Lightning warns about modules left in eval mode at the start of fit: ours are the frozen towers, on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", module="lightning")
-        # the whole-step modes train inside training_step and return nothing for Lightning to backpropagate
-        warnings.filterwarnings("ignore", message="`training_step` returned `None`", module="lightning")
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -296,8 +295,11 @@ class InstructBlipModule(pl.LightningModule):
         else:
             loss, per_sample = self._run_whole_step(batch, seed)
         self._log_step(batch, loss, per_sample)
-        # the whole step has trained already: nothing for Lightning to backpropagate
-        return loss if self.step_mode == "automatic" else None
+        if self.step_mode == "automatic":
+            return loss
+        # The whole step has trained already. Lightning (under DDP) wants a loss all the same and backpropagates it:
+        # a detached copy, a leaf of its own, whose backward reaches no parameter.
+        return loss.detach().clone().requires_grad_()
 
     def _run_whole_step(self, batch: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """step_mode cuda_graph|manual: one whole step (forward, backward, non-finite skip, clipping, optimizer) on
@@ -330,11 +332,16 @@ class InstructBlipModule(pl.LightningModule):
             self._skipped_before_whole_step = self.nonfinite_skipped  # restored from a checkpoint, or 0
         precision = str(self.trainer.precision)
         graphs = [whole.graph for whole in self._whole_steps.values() if whole.capture]
+        data_parallel = self.trainer.world_size > 1
+        if data_parallel:
+            # the step averages the gradients itself, inside the graph; DDP's reducer (autograd hooks, bucketed
+            # all-reduces timed by its own forward) stays out, as under its no_sync()
+            self.trainer.strategy.model.require_backward_grad_sync = False
         return CudaGraphTrainStep(
             self.model, optimizer, inputs, {"return_logits": False},
             autocast_dtype=torch.bfloat16 if precision.startswith("bf16") else None,
             capture=self.step_mode == "cuda_graph", max_grad_norm=self.trainer.gradient_clip_val,
-            pool=graphs[0].pool() if graphs else None,
+            pool=graphs[0].pool() if graphs else None, average_gradients=data_parallel,
         )
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:

@@ -160,11 +160,11 @@ def check_step_mode(cfg: DictConfig, strategy_name: str) -> None:
     key = f"stage.module.step_mode={mode}"
     single = strategy_name in ("auto", "single_device") and select("trainer.devices") in (1, "1") \
         and select("trainer.num_nodes", 1) == 1
-    if not single:
-        raise ConfigError(f"{key} runs on one device (trainer.devices=1, trainer.num_nodes=1, strategy auto); got "
-                          f"trainer.strategy={strategy_name} trainer.devices={select('trainer.devices')} "
-                          f"trainer.num_nodes={select('trainer.num_nodes', 1)}: use trainer=gpu (or trainer=cpu) with "
-                          "one device and one node, or stage.module.step_mode=automatic")
+    if not single and "DDPStrategy" not in strategy_name:
+        raise ConfigError(f"{key} runs on one device (trainer=gpu or trainer=cpu with trainer.devices=1 and "
+                          f"trainer.num_nodes=1) or under DDP (trainer=ddp, trainer=ddp_cpu); got trainer.strategy="
+                          f"{strategy_name} trainer.devices={select('trainer.devices')} trainer.num_nodes="
+                          f"{select('trainer.num_nodes', 1)}; with trainer=fsdp use stage.module.step_mode=automatic")
     if select("trainer.accumulate_grad_batches") != 1:
         raise ConfigError(f"{key} steps the optimizer on every micro-batch; trainer.accumulate_grad_batches="
                           f"{select('trainer.accumulate_grad_batches')} needs stage.module.step_mode=automatic")
