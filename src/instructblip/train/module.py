@@ -332,7 +332,9 @@ class InstructBlipModule(pl.LightningModule):
             self._skipped_before_whole_step = self.nonfinite_skipped  # restored from a checkpoint, or 0
         precision = str(self.trainer.precision)
         graphs = [whole.graph for whole in self._whole_steps.values() if whole.capture]
-        data_parallel = self.trainer.world_size > 1
+        from torch.nn.parallel import DistributedDataParallel
+
+        data_parallel = isinstance(self.trainer.strategy.model, DistributedDataParallel)
         if data_parallel:
             # the step averages the gradients itself, inside the graph; DDP's reducer (autograd hooks, bucketed
             # all-reduces timed by its own forward) stays out, as under its no_sync()
@@ -341,7 +343,8 @@ class InstructBlipModule(pl.LightningModule):
             self.model, optimizer, inputs, {"return_logits": False},
             autocast_dtype=torch.bfloat16 if precision.startswith("bf16") else None,
             capture=self.step_mode == "cuda_graph", max_grad_norm=self.trainer.gradient_clip_val,
-            pool=graphs[0].pool() if graphs else None, average_gradients=data_parallel,
+            pool=graphs[0].pool() if graphs else None,
+            average_gradients=data_parallel and self.trainer.world_size > 1,
         )
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
