@@ -269,6 +269,13 @@ def check_decoding_options(options: dict, device: str, key: str = "decoding") ->
     return options
 
 
+def _forward_arguments(model) -> tuple[str, bool]:
+    """(the name of the model forward's cache argument, whether it takes ``cache_position``): transformers renamed
+    ``past_key_values`` to ``cache`` and dropped ``cache_position`` in later versions; use what the model has."""
+    parameters = inspect.signature(model.forward).parameters
+    return ("cache" if "cache" in parameters else "past_key_values"), "cache_position" in parameters
+
+
 class _Seq2SeqSteps:
     """A T5-style LLM's calls: the encoder once, then the decoder one token a step, from its start token (as in
     ``generate``), with a self- and cross-attention cache."""
@@ -277,8 +284,7 @@ class _Seq2SeqSteps:
         from transformers import DynamicCache, EncoderDecoderCache
 
         self.model = model
-        # transformers renamed the forward's cache argument (past_key_values -> cache); use the model's own name
-        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_arg, _ = _forward_arguments(model)
         # no padding: the encoder and the cross-attention see every position without a mask built for them
         self.attention_mask = None if bool(attention_mask.all()) else attention_mask
         self.encoded = model.get_encoder()(inputs_embeds=inputs_embeds,
@@ -316,10 +322,7 @@ class _CausalSteps:
     def __init__(self, model, attention_mask: torch.Tensor, max_new_tokens: int, cache: str, compile: bool):
         from transformers import DynamicCache, StaticCache
 
-        parameters = inspect.signature(model.forward).parameters
-        self.takes_cache_position = "cache_position" in parameters
-        # transformers renamed the forward's cache argument (past_key_values -> cache); use the model's own name
-        self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        self.cache_arg, self.takes_cache_position = _forward_arguments(model)
         self.model, self.step_model = model, _compiled_forward(model) if compile else model
         batch, self.prompt_length = attention_mask.shape
         self.static = cache == "static"
@@ -562,9 +565,7 @@ class _FixedStepGreedy:
                  eos: list[int], pad: int, min_new_tokens: int, penalty: float, graphed: bool, compile: bool):
         from transformers import StaticCache
 
-        parameters = inspect.signature(model.forward).parameters
-        self.takes_cache_position = "cache_position" in parameters
-        self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        self.cache_arg, self.takes_cache_position = _forward_arguments(model)
         self.model, self.key = model, key
         self.forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
         self.prompt_length, self.max_new_tokens = prompt_length, max_new_tokens
