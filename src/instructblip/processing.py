@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
@@ -172,6 +173,34 @@ def _pad(rows: list[list[int]], value: int, side: str, width: int | None = None)
             else:
                 out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     return out
+
+
+LENGTH_KEYS = ("instruction", "target", "qformer")
+
+
+def check_length_buckets(buckets: Sequence[Mapping[str, int]]) -> list[dict[str, int]]:
+    """Length buckets (``data.fixed_lengths``), checked: each exactly ``{instruction, target, qformer}`` positive
+    token counts, each bucket at least the one before it in all three; as plain dicts."""
+    if not buckets:
+        raise ConfigError("data.fixed_lengths is an empty list; give {instruction, target, qformer} token counts")
+    checked: list[dict[str, int]] = []
+    for index, bucket in enumerate(buckets):
+        where = f"data.fixed_lengths[{index}]" if len(buckets) > 1 else "data.fixed_lengths"
+        if not isinstance(bucket, Mapping) or sorted(bucket) != sorted(LENGTH_KEYS):
+            keys = sorted(bucket) if isinstance(bucket, Mapping) else bucket
+            raise ConfigError(f"{where} has keys {keys}; expected exactly {', '.join(LENGTH_KEYS)} (token counts), "
+                              "or null")
+        for name in LENGTH_KEYS:
+            value = bucket[name]
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{where}.{name}={value!r}; must be an integer (a token count)")
+            if value < 1:
+                raise ConfigError(f"{where}.{name}={value}; must be >= 1")
+        if checked and any(bucket[key] < checked[-1][key] for key in LENGTH_KEYS):
+            raise ConfigError(f"{where}={dict(bucket)} is smaller than the bucket before it in some length; list "
+                              "buckets from the shortest to the longest")
+        checked.append({key: bucket[key] for key in LENGTH_KEYS})
+    return checked
 
 
 def _mask(rows: list[list[int]], side: str, width: int | None = None) -> torch.Tensor:
@@ -352,20 +381,12 @@ class InstructBlipProcessor:
         least the one before in all three. A batch is padded to the first bucket that holds every one of its rows
         (``_bucket_for``); rows longer than the last are truncated to it, as the processor always truncates
         (instructions and the Q-Former text on the left, answers on the right). Generation batches are unchanged."""
-        buckets = [{key: int(bucket[key]) for key in ("instruction", "target", "qformer")} for bucket in buckets]
-        if not buckets:
-            raise ConfigError("data.fixed_lengths is an empty list; give {instruction, target, qformer} token counts")
+        buckets = check_length_buckets(buckets)
         for index, bucket in enumerate(buckets):
-            where = f"data.fixed_lengths[{index}]" if len(buckets) > 1 else "data.fixed_lengths"
-            for name, value in bucket.items():
-                if value < 1:
-                    raise ConfigError(f"{where}.{name}={value}; must be >= 1")
             if bucket["target"] <= len(self._prefix):
+                where = f"data.fixed_lengths[{index}]" if len(buckets) > 1 else "data.fixed_lengths"
                 raise ConfigError(f"{where}.target={bucket['target']}; must exceed the {len(self._prefix)} BOS "
                                   "position(s) it is counted with")
-            if index and any(bucket[key] < buckets[index - 1][key] for key in bucket):
-                raise ConfigError(f"{where}={bucket} is smaller than the bucket before it in some length; list "
-                                  "buckets from the shortest to the longest")
         fixed = copy.copy(self)
         largest = buckets[-1]
         fixed.max_instruction_length, fixed.max_target_length = largest["instruction"], largest["target"]
@@ -381,14 +402,13 @@ class InstructBlipProcessor:
             return {"qformer": bucket["qformer"], "text": text}
         return {"qformer": bucket["qformer"], "text": bucket["instruction"], "labels": bucket["target"]}
 
-    def _bucket_for(self, instructions, instruction_rows, target_rows) -> dict[str, int]:
+    def _bucket_for(self, qformer_width: int, instruction_rows, target_rows) -> dict[str, int]:
         """The first length bucket that holds every row of the batch (the last one holds the truncated rows).
 
         A decoder-only row is one sequence, instruction then answer, padded on the right: it fits a bucket whose
         text width holds it, whatever the split (so a short instruction leaves room for a longer answer). T5's
         instruction and answer are two sequences, each within its own length."""
-        qformer = self.qformer_tokenizer(list(instructions), truncation=True, max_length=self.max_qformer_length)
-        needed = {"qformer": max(len(ids) for ids in qformer["input_ids"])}
+        needed = {"qformer": qformer_width}
         if self.llm_kind == "decoder_only":
             needed["text"] = max(len(i) + len(t) for i, t in zip(instruction_rows, target_rows))
         else:
@@ -400,13 +420,12 @@ class InstructBlipProcessor:
                 return bucket
         return self.length_buckets[-1]
 
-    def qformer_batch(self, instructions: Sequence[str], pad_to: int | None = None) -> dict[str, torch.Tensor]:
-        """The Q-Former's tokens, padded to the longest row, or to ``pad_to`` (and truncated there)."""
+    def qformer_batch(self, instructions: Sequence[str]) -> dict[str, torch.Tensor]:
         encoded = self.qformer_tokenizer(
             list(instructions),
-            padding="max_length" if pad_to else "longest",
+            padding="longest",
             truncation=True,
-            max_length=pad_to or self.max_qformer_length,
+            max_length=self.max_qformer_length,
             return_token_type_ids=False,
             return_tensors="pt",
         )
@@ -450,11 +469,16 @@ class InstructBlipProcessor:
             raise DataError(f"{len(instructions)} instructions but {len(targets)} targets")
         instruction_rows = self._instruction_rows(instructions, self.max_instruction_length)
         target_rows = self._target_rows(targets)
+        batch = self.qformer_batch(instructions)
         widths = {}
         if self.length_buckets is not None:
-            widths = self.training_lengths(self._bucket_for(instructions, instruction_rows, target_rows))
+            qformer_width = batch["qformer_input_ids"].shape[1]
+            widths = self.training_lengths(self._bucket_for(qformer_width, instruction_rows, target_rows))
+            extra = widths["qformer"] - qformer_width  # the Q-Former text padded on the right, as its tokenizer pads
+            batch["qformer_input_ids"] = F.pad(batch["qformer_input_ids"], (0, extra),
+                                               value=self.qformer_tokenizer.pad_token_id)
+            batch["qformer_attention_mask"] = F.pad(batch["qformer_attention_mask"], (0, extra), value=0)
         text_width, label_width = widths.get("text"), widths.get("labels")
-        batch = self.qformer_batch(instructions, pad_to=widths.get("qformer"))
         if images is not None:
             batch["pixel_values"] = self.pixel_values(images, train=train_transform)
         if self.llm_kind == "decoder_only":

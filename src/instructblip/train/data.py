@@ -351,28 +351,14 @@ def check_image_features(image_features: str | None, augment: bool, collate: str
                           "trains on pixel_values)")
 
 
-FIXED_LENGTH_KEYS = ("instruction", "target", "qformer")
-
-
 def check_fixed_lengths(fixed_lengths, collate: str) -> list[dict[str, int]] | None:
     """``data.fixed_lengths``: None, one ``{instruction, target, qformer}`` of positive token counts, or a list of
-    them (length buckets, shortest first); returned as a list."""
+    them (length buckets, shortest first); returned as a list (``processing.check_length_buckets``)."""
+    from instructblip.processing import check_length_buckets
+
     if fixed_lengths is None:
         return None
-    buckets = [fixed_lengths] if isinstance(fixed_lengths, Mapping) else list(fixed_lengths)
-    if not buckets:
-        raise ConfigError("data.fixed_lengths is an empty list; give {instruction, target, qformer} token counts")
-    checked = []
-    for index, bucket in enumerate(buckets):
-        where = f"data.fixed_lengths[{index}]" if len(buckets) > 1 else "data.fixed_lengths"
-        if not isinstance(bucket, Mapping) or sorted(bucket) != sorted(FIXED_LENGTH_KEYS):
-            keys = sorted(bucket) if isinstance(bucket, Mapping) else bucket
-            raise ConfigError(f"{where} has keys {keys}; expected exactly {', '.join(FIXED_LENGTH_KEYS)} (token "
-                              "counts), or null")
-        bad = {k: v for k, v in bucket.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
-        if bad:
-            raise ConfigError(f"{where}: {bad} must be positive integers (token counts)")
-        checked.append(dict(bucket))
+    checked = check_length_buckets([fixed_lengths] if isinstance(fixed_lengths, Mapping) else list(fixed_lengths))
     if collate != "instruction":
         raise ConfigError(f"data.fixed_lengths is set but data.collate={collate!r}; fixed lengths apply to the "
                           "instruction collate only")
