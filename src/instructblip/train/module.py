@@ -321,6 +321,7 @@ class InstructBlipModule(pl.LightningModule):
 
     def _build_whole_step(self, inputs: dict):
         from instructblip.train.cuda_graph import CudaGraphTrainStep
+        from instructblip.train.parallelize import compute_dtype
 
         optimizer = self.trainer.optimizers[0]
         device = inputs["input_ids"].device
@@ -330,7 +331,6 @@ class InstructBlipModule(pl.LightningModule):
             for group in optimizer.param_groups:
                 group["lr"] = torch.tensor(float(group["lr"]), device=device)
             self._skipped_before_whole_step = self.nonfinite_skipped  # restored from a checkpoint, or 0
-        precision = str(self.trainer.precision)
         graphs = [whole.graph for whole in self._whole_steps.values() if whole.capture]
         from torch.nn.parallel import DistributedDataParallel
 
@@ -341,7 +341,7 @@ class InstructBlipModule(pl.LightningModule):
             self.trainer.strategy.model.require_backward_grad_sync = False
         return CudaGraphTrainStep(
             self.model, optimizer, inputs, {"return_logits": False},
-            autocast_dtype=torch.bfloat16 if precision.startswith("bf16") else None,
+            autocast_dtype=compute_dtype(self.trainer),
             capture=self.step_mode == "cuda_graph", max_grad_norm=self.trainer.gradient_clip_val,
             pool=graphs[0].pool() if graphs else None,
             average_gradients=data_parallel and self.trainer.world_size > 1,
@@ -370,8 +370,9 @@ class InstructBlipModule(pl.LightningModule):
         self.samples_seen.update(names)
         self.log("train/loss", loss.detach().float(), on_step=True, prog_bar=True, batch_size=len(names))
         lr = self.optimizers().param_groups[0]["lr"]
-        # a tensor rate (whole-step modes) is filled in place by the schedule: log this step's value
-        self.log("train/lr", float(lr), on_step=True, batch_size=len(names))
+        # a tensor rate (whole-step modes) is filled in place by the schedule: log a copy of this step's value (a
+        # copy on the device: no host read)
+        self.log("train/lr", lr.clone() if isinstance(lr, torch.Tensor) else lr, on_step=True, batch_size=len(names))
         if per_sample is not None:
             for name in sorted(set(names)):
                 rows = torch.tensor([n == name for n in names], device=per_sample.device)

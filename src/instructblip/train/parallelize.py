@@ -75,8 +75,9 @@ def output_head_unit(model: nn.Module) -> list[nn.Module]:
 
 
 def compute_dtype(trainer) -> torch.dtype | None:
-    """The dtype FSDP all-gathers the parameters in: the trainer's mixed precision (bf16-mixed: bf16), else the
-    stored one (32-true: fp32; an all-gather in bf16 would meet fp32 activations outside autocast)."""
+    """The dtype the trainer's precision computes in (bf16-mixed: bf16; 32-true: None, the stored fp32): what FSDP
+    all-gathers the parameters in (a bf16 gather would meet fp32 activations outside autocast) and what the
+    whole-step modes autocast to."""
     precision = str(getattr(trainer, "precision", "bf16-mixed"))
     return {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
 
