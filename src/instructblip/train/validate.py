@@ -147,13 +147,13 @@ def check_config(cfg: DictConfig) -> None:
     check_image_features(select("data.image_features"), select("data.augment", True),
                          select("data.collate", "instruction"))
     check_fixed_lengths(select("data.fixed_lengths"), select("data.collate", "instruction"))
-    check_step_mode(cfg, strategy_name)
+    check_step_mode(select, strategy_name)
 
 
-def check_step_mode(cfg: DictConfig, strategy_name: str) -> None:
+def check_step_mode(select: Callable[..., Any], strategy_name: str) -> None:
     """What ``stage.module.step_mode=cuda_graph|manual`` (one step, optimizer included, outside Lightning's loop)
-    can run with; each refusal names the key and what works."""
-    select = lambda key, default=None: OmegaConf.select(cfg, key, default=default)  # noqa: E731
+    can run with; each refusal names the key and what works. ``select(key, default=None)``: a composed config's
+    value."""
     mode = select("stage.module.step_mode") or "automatic"
     if mode == "automatic":
         return
