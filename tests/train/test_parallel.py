@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from train_helpers import compose, tiny_overrides
+from train_helpers import Killed, compose, stop_before_step, tiny_overrides
 
 
 def test_blocks_become_units_and_each_unit_is_all_frozen_or_all_trainable(tiny_checkpoint):
@@ -77,10 +77,6 @@ def test_the_output_head_is_a_unit_of_its_own_and_a_sharded_step_runs(tied, tmp_
         dist.destroy_process_group()
 
 
-class _Interrupt(Exception):
-    pass
-
-
 @pytest.fixture
 def restored_environment():
     """``os.environ`` as it was before the test: an in-process distributed Lightning run sets WORLD_SIZE, LOCAL_RANK,
@@ -101,7 +97,6 @@ def test_fsdp_trainer_on_a_cpu_trains_checkpoints_and_resumes_exactly(precision,
     fp32 (in bf16 they would meet fp32 activations without autocast)."""
     import socket
 
-    import lightning.pytorch as pl
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
@@ -118,16 +113,11 @@ def test_fsdp_trainer_on_a_cpu_trains_checkpoints_and_resumes_exactly(precision,
                        "callbacks=default", "callbacks.progress_bar=null", "callbacks.throughput=null",
                        "checkpoint.every_n_steps=2", "checkpoint.export_huggingface=false"], run_dir)
         module, datamodule, trainer = build(cfg)
-
-        class Stop(pl.Callback):
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                if trainer.global_step == stop_before:
-                    raise _Interrupt
-
-        trainer.callbacks.append(Stop())
+        if stop_before is not None:
+            trainer.callbacks.append(stop_before_step(stop_before))
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=False)
-        except _Interrupt:
+        except Killed:
             pass
         finally:
             if dist.is_initialized():

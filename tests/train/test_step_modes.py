@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from train_helpers import compose, tiny_overrides
+from train_helpers import Killed, compose, stop_before_step, tiny_overrides
 
 FIXED = "data.fixed_lengths={instruction: 40, target: 12, qformer: 40}"
 # two length buckets: the generated data's first five batches take both (four the second, then one the first)
@@ -30,21 +30,6 @@ class Record(pl.Callback):
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
         self.lrs.append(float(trainer.callback_metrics["train/lr"]))
         self.weights.append({k: v.clone() for k, v in pl_module.trainable_state_dict().items()})
-
-
-class Killed(Exception):
-    pass
-
-
-class StopBeforeStep(pl.Callback):
-    """Raises at the start of the given step, as a kill would (after the checkpoint of the step before)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise Killed
 
 
 def build(tiny_checkpoint, generated_data, run_dir, steps: int, *overrides: str, lengths: str = FIXED):
@@ -91,7 +76,7 @@ def test_manual_step_mode_resumes_exactly(tiny_checkpoint, generated_data, tmp_p
     run_dir = tmp_path / "killed"
     module, datamodule, trainer, _ = build(tiny_checkpoint, generated_data, run_dir, 5,
                                            *CHECKPOINTING)
-    trainer.callbacks.append(StopBeforeStep(3))
+    trainer.callbacks.append(stop_before_step(3))
     with pytest.raises(Killed):
         trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3 and (run_dir / "checkpoints" / "step=2.ckpt").exists()

@@ -41,3 +41,20 @@ def tiny_overrides(checkpoint: Path, data: Path, steps: int = 1) -> list[str]:
         "data.num_workers=0", "validation.every_n_steps=null", "+trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
     ]
+
+
+class Killed(Exception):
+    """What :func:`stop_before_step` raises."""
+
+
+def stop_before_step(step: int):
+    """A Lightning callback that raises :class:`Killed` at the start of ``step``, as a kill would (after the
+    checkpoint of the step before)."""
+    import lightning.pytorch as pl
+
+    class StopBeforeStep(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == step:
+                raise Killed
+
+    return StopBeforeStep()
