@@ -29,6 +29,11 @@ ln_vision); vision and LLM frozen. Sides:
   micro-batches (``--mixed-lengths K``, seeds 0..K-1), since one batch of 8 holds a long sample only about half
   of the time.
 
+* ``llm_alone``: no model, only the frozen LLM's call that ours' training path makes (T5: the whole
+  seq2seq model; decoder-only: its body without the head), replayed with the inputs ours gave it (captured once)
+  and a backward from the mean of its output: how much of a step the LLM both implementations share takes, so the
+  best ratio any Q-Former and vision encoder could reach beside that LLM is ``llm_alone_vs_transformers``.
+
 ``--sides`` picks them (default: ours, transformers, ours_full_logits).
 
 Prints one JSON object: per batch size and side, samples/s (from CPU time on a CPU, wall time on a GPU), the
@@ -67,7 +72,7 @@ from instructblip.model.packing import row_layout  # noqa: E402
 
 
 SIDES = ("ours", "ours_full_logits", "ours_compiled", "ours_compiled_whole", "ours_packed", "ours_graphed",
-         "ours_compiled_graphed", "transformers", "transformers_compiled")
+         "ours_compiled_graphed", "transformers", "transformers_compiled", "llm_alone")
 # sides that compile ours' blocks in place
 IN_PLACE = {"ours_compiled", "ours_compiled_graphed"}
 # (numerator, denominator) of the reported speed ratios, where both sides ran
@@ -76,7 +81,7 @@ RATIOS = (("ours", "transformers"), ("ours", "transformers_compiled"), ("ours_co
           ("ours_compiled_whole", "transformers"), ("ours_packed", "transformers"), ("ours_packed", "ours"),
           ("ours_graphed", "transformers"), ("ours_graphed", "transformers_compiled"), ("ours_graphed", "ours"),
           ("ours_compiled_graphed", "transformers"), ("ours_compiled_graphed", "transformers_compiled"),
-          ("ours_compiled_graphed", "ours_compiled"))
+          ("ours_compiled_graphed", "ours_compiled"), ("llm_alone", "transformers"))
 
 
 def bench_adamw(model, capturable: bool = False) -> torch.optim.AdamW:
@@ -109,6 +114,44 @@ def make_step(model, batch, device: str, cudagraphs: bool = False, **forward_fla
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return loss
+
+    return step
+
+
+def make_llm_alone_step(model, batch, device: str):
+    """The LLM call of ours' training path on ``batch`` (or on each micro-batch of a list), alone: its module and
+    inputs are captured from one forward (pre-hooks on the LLM and its body: the outer call is the one the path
+    makes), then each step replays it with the captured input embeddings as a leaf that needs a gradient, as the
+    Q-Former's output does."""
+    llm = model.llm.hf_model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    replays = []
+    for micro_batch in batch if isinstance(batch, list) else [batch]:
+        calls = []
+
+        def capture(module, args, kwargs):
+            calls.append((module, dict(kwargs)))
+
+        hooks = [llm.register_forward_pre_hook(capture, with_kwargs=True)]
+        if llm.base_model is not llm:
+            hooks.append(llm.base_model.register_forward_pre_hook(capture, with_kwargs=True))
+        try:
+            with torch.no_grad(), autocast:
+                model(**micro_batch, return_logits=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        module, kwargs = calls[0]
+        kwargs["inputs_embeds"] = kwargs["inputs_embeds"].detach().requires_grad_()
+        replays.append((module, kwargs))
+
+    def step():
+        for module, kwargs in replays:
+            with autocast:
+                output = module(**kwargs)[0]
+            output.float().mean().backward()
+            kwargs["inputs_embeds"].grad = None
+        return output
 
     return step
 
@@ -307,6 +350,7 @@ def main() -> None:
             "ours_compiled_graphed": lambda: make_graphed_step(pair.ours, ours_batch, args.device,
                                                                return_logits=False),
             "transformers_compiled": lambda: make_step(compiled_theirs, theirs_batch, args.device),
+            "llm_alone": lambda: make_llm_alone_step(pair.ours, ours_batch, args.device),
         }
         sides = {name: factories[name]() for name in chosen}
         samples_per_call = batch_size * max(args.mixed_lengths, 1)
