@@ -124,9 +124,11 @@ def main(argv: list[str]) -> None:
 
     def accuracy() -> float:
         model.eval()
+        hits = 0
         with torch.no_grad():
-            hits = sum((logits(*batch(test[i:i + 500])[:2])[:, -1].argmax(-1) == batch(test[i:i + 500])[2]).sum().item()
-                       for i in range(0, len(test), 500))
+            for i in range(0, len(test), 500):
+                ids, mask, answers = batch(test[i:i + 500])
+                hits += (logits(ids, mask)[:, -1].argmax(-1) == answers).sum().item()
         model.train()
         return 100 * hits / len(test)
 

@@ -92,6 +92,11 @@ def bench_adamw(model, capturable: bool = False) -> torch.optim.AdamW:
                              capturable=capturable)
 
 
+def step_autocast(device: str):
+    """The precision every side trains in: bf16 autocast on a GPU, float32 on a CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+
+
 def make_step(model, batch, device: str, cudagraphs: bool = False, **forward_flags):
     """One training step on ``batch``, or on each micro-batch in turn when ``batch`` is a list (``--mixed-lengths``).
 
@@ -100,9 +105,7 @@ def make_step(model, batch, device: str, cudagraphs: bool = False, **forward_fla
     """
     batches = batch if isinstance(batch, list) else [batch]
     optimizer = bench_adamw(model)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
-    )
+    autocast = step_autocast(device)
 
     def step():
         for micro_batch in batches:
@@ -124,7 +127,7 @@ def make_llm_alone_step(model, batch, device: str):
     makes), then each step replays it with the captured input embeddings as a leaf that needs a gradient, as the
     Q-Former's output does."""
     llm = model.llm.hf_model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    autocast = step_autocast(device)
     replays = []
     for micro_batch in batch if isinstance(batch, list) else [batch]:
         calls = []
@@ -220,8 +223,7 @@ def check_agreement(pair, ours_batch, theirs_batch, device: str) -> float:
         return max(check_agreement(pair, a, b, device) for a, b in zip(ours_batch, theirs_batch))
     pair.ours.eval()
     pair.theirs.eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), step_autocast(device):
         a = pair.ours(**ours_batch, return_logits=False).loss.float()
         b = pair.theirs(**theirs_batch).loss.float()
     return (a - b).abs().item() / max(b.abs().item(), 1e-12)

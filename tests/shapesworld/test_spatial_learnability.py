@@ -22,7 +22,7 @@ def script():
     return spatial_learnability
 
 
-def _read_scene(script, context: str, cells: dict) -> dict[str, tuple[int, int]]:
+def _read_scene(context: str, cells: dict) -> dict[str, tuple[int, int]]:
     """'small red square top left . large blue circle center .' -> {'red square': (0, 0), 'blue circle': (1, 1)}"""
     by_name = {name: cell for cell, name in cells.items()}
     scene = {}
@@ -44,7 +44,7 @@ def test_each_label_follows_from_the_scene_text(script, statement, cells, contex
         words, answer = script.example(rng, opts)
         text = " ".join(words)
         scene_text, statement_text = text.split(" <s> is this true or false ? ")
-        scene = _read_scene(script, scene_text, table)
+        scene = _read_scene(scene_text, table)
         said = statement_text.removesuffix(" . answer :").removeprefix("the ").split(" is ")
         subject = scene[said[0]]
         if statement == "side":
