@@ -58,61 +58,97 @@ job() {  # job SECONDS NAME COMMAND...  (the limit is cut to what is left of the
 }
 bench() { echo "$PY" "experiments/bench/$1"; }
 
+# Each job below is a function; JOBS names those to run, in order (default: all, most important first), e.g.
+#   JOBS="greedy_graphed t5_compiled pytest_gpu" bash experiments/bench/gpu_session.sh
+JOBS=${JOBS:-"pytest_gpu fsdp_probe greedy_graphed t5_compiled llama_compiled llama_b32 static_generation llama_eager"}
+
 # transformers compiled whole (the issue's bar) takes longer to compile than a job can wait (H200: 145 s per batch
-# size). Two background processes compile its step at batch 8 and at batch 16 from the start, while the first jobs
-# run, and fill inductor's on-disk caches; job 3 then finds the compiled graphs there. They use CPU cores for
-# compilation and the GPU only for a few steps; the jobs beside them time their sides interleaved, so ratios stay
-# comparable.
+# size). When llama_compiled is asked for, two background processes compile its step at batch 8 and at batch 16
+# from the start, while the first jobs run, and fill inductor's on-disk caches; llama_compiled then finds the compiled
+# graphs there. They use CPU cores for compilation and the GPU only for a few steps; the jobs beside them time their
+# sides interleaved, so ratios stay comparable.
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
 WARM_LIMIT=${WARM_S:-330}
 WARM_PIDS=()
-for warm_batch in 8 16; do
-    echo "== background: compiling transformers whole at batch $warm_batch (limit ${WARM_LIMIT}s)" | tee -a "$LOG"
-    (start=$SECONDS; timeout "$WARM_LIMIT" $(bench train_throughput.py) --size $SIZE --llm llama --device $DEVICE \
-        --batch-sizes $warm_batch --sides transformers_compiled --warmup 0 --repeats 1 >/dev/null \
-        2>"/tmp/warm_compile_$warm_batch.log" \
-        && echo "== background compile (batch $warm_batch) done in $((SECONDS - start))s" \
-        || echo "== background compile (batch $warm_batch) FAILED or timed out") >>"$LOG" &
-    WARM_PIDS+=($!)
-done
+if [[ " $JOBS " == *" llama_compiled "* ]]; then
+    for warm_batch in 8 16; do
+        echo "== background: compiling transformers whole at batch $warm_batch (limit ${WARM_LIMIT}s)" | tee -a "$LOG"
+        (start=$SECONDS; timeout "$WARM_LIMIT" $(bench train_throughput.py) --size $SIZE --llm llama \
+            --device $DEVICE --batch-sizes $warm_batch --sides transformers_compiled --warmup 0 --repeats 1 \
+            >/dev/null 2>"/tmp/warm_compile_$warm_batch.log" \
+            && echo "== background compile (batch $warm_batch) done in $((SECONDS - start))s" \
+            || echo "== background compile (batch $warm_batch) FAILED or timed out") >>"$LOG" &
+        WARM_PIDS+=($!)
+    done
+fi
 
 # Limits from the H200 sessions (the logs' times): each job's own run plus a margin.
-# 1. The test suite's GPU tests: FSDP2 step, the CUDA-graph training step against eager steps (alone, and as
-#    instructblip-train's stage.module.step_mode=cuda_graph), bf16 frozen towers, dtype policy, image features; then
-#    (a second pytest: tests/model and tests/train each have a conftest module) the graphed greedy decode step.
-job 100 pytest-gpu bash -c "'$PY' -m pytest -m gpu -q -p no:cacheprovider tests/train/test_parallel.py \
-    tests/train/test_cuda_graph.py tests/train/test_step_modes.py tests/data/test_image_features.py; \
-    '$PY' -m pytest -m gpu -q -p no:cacheprovider tests/model/test_model_presets.py tests/model/test_speed_levers.py"
-#    And the FSDP probe: FSDP2 steps of the tiny model without Lightning, in variants (experiments/fsdp_probe.py).
-job 90 fsdp_probe "$PY" experiments/fsdp_probe.py
-# 1b. Greedy generation, Vicuna-7B, batch 1 and 16 (issue 7: 250 and 3500 tokens/s): ours' whole decode step
-#    replayed as one CUDA graph, over the eager forward and over a compiled one (30-40 s to compile), against
-#    transformers' generate and ours' loop (dynamic caches).
-job 120 generate_throughput-$SIZE-llama-$DEVICE-graphed $(bench generate_throughput.py) --size $SIZE --llm llama \
-    --device $DEVICE --batch-sizes 1,16 --modes greedy --graphed --warmup 1 --repeats 3
-# 2. Training, FlanT5-XL, batch 16/32: ours with every block compiled, the same replayed as one CUDA graph, and
-#    transformers as it is (issue 7 asks utilisation 0.35 for FlanT5-XL; eager reached 0.12 on the H100).
-job 120 train_throughput-$SIZE-t5-$DEVICE-compiled $(bench train_throughput.py) --size $SIZE --llm t5 \
-    --device $DEVICE --batch-sizes 16,32 --sides ours_compiled,ours_compiled_graphed,transformers --warmup 2 \
-    --repeats 5 --peak-tflops "$PEAK"
-wait "${WARM_PIDS[@]}"
-for warm_batch in 8 16; do tail -n 3 "/tmp/warm_compile_$warm_batch.log" | sed 's/^/   background: /' >>"$LOG"; done
-# 3. Training, Vicuna-7B, batch 8/16: ours with every block compiled (regional), the same replayed as one CUDA
-#    graph, transformers compiled whole (its graphs from the background processes' cache) and as it is.
-job 200 train_throughput-$SIZE-llama-$DEVICE-compiled $(bench train_throughput.py) --size $SIZE --llm llama \
-    --device $DEVICE --batch-sizes 8,16 --sides ours_compiled,ours_compiled_graphed,transformers_compiled,transformers \
-    --warmup 2 --repeats 5 --peak-tflops "$PEAK" --profile
-# 4. Generation, Vicuna-7B, batch 1, greedy and 5-beam search: ours' lean loops and transformers' generate with
-#    dynamic caches, and both with static caches and compiled (CUDA-graph) decode steps (beam: ours only). Each
-#    static side compiles its decode step in 30-40 s. perf_hints: the log says why a compiled step would not be
-#    replayed as a CUDA graph (both static paths took about 11 ms per new token on the H200, encoding and prefill
-#    included; the weights alone set a floor of about 3 ms).
-job 160 generate_throughput-$SIZE-llama-$DEVICE-static env TORCH_LOGS=perf_hints $(bench generate_throughput.py) \
-    --size $SIZE --llm llama --device $DEVICE --batch-sizes 1 --beams 5 --static --warmup 1 --repeats 3
-# 5. Training, Vicuna-7B, eager: ours, ours with the whole step replayed as one CUDA graph, and transformers as it
-#    is, batch 8/16/32: FLOPs, utilisation, peak memory, and a profile of one step per side (kernel time against
-#    wall time, launches, host-device synchronisations). Measured on the H200 on 2026-11-27; with what is left.
-job 160 train_throughput-$SIZE-llama-$DEVICE $(bench train_throughput.py) --size $SIZE --llm llama \
-    --device $DEVICE --batch-sizes 8,16,32 --sides ours_graphed,ours,transformers --warmup 3 --repeats 5 \
-    --peak-tflops "$PEAK" --profile
+# The test suite's GPU tests: FSDP2 step, the CUDA-graph training step against eager steps (alone, and as
+# instructblip-train's stage.module.step_mode=cuda_graph), bf16 frozen towers, dtype policy, image features; then (a
+# second pytest: tests/model and tests/train each have a conftest module) the graphed greedy decode step.
+pytest_gpu() {
+    job 100 pytest-gpu bash -c "'$PY' -m pytest -m gpu -q -p no:cacheprovider tests/train/test_parallel.py \
+        tests/train/test_cuda_graph.py tests/train/test_step_modes.py tests/data/test_image_features.py; \
+        '$PY' -m pytest -m gpu -q -p no:cacheprovider tests/model/test_model_presets.py tests/model/test_speed_levers.py"
+}
+# The FSDP probe: FSDP2 steps of the tiny model without Lightning, in variants (experiments/fsdp_probe.py).
+fsdp_probe() { job 90 fsdp_probe "$PY" experiments/fsdp_probe.py; }
+# Greedy generation, Vicuna-7B, batch 1 and 16 (issue 7: 250 and 3500 tokens/s): ours' whole decode step replayed as
+# one CUDA graph, over the eager forward and over a compiled one (30-40 s to compile), against transformers' generate
+# and ours' loop (dynamic caches).
+greedy_graphed() {
+    job 120 generate_throughput-$SIZE-llama-$DEVICE-graphed $(bench generate_throughput.py) --size $SIZE --llm llama \
+        --device $DEVICE --batch-sizes 1,16 --modes greedy --graphed --warmup 1 --repeats 3
+}
+# Training, FlanT5-XL, batch 16/32: ours with every block compiled, the same replayed as one CUDA graph, and
+# transformers as it is (issue 7 asks utilisation 0.35 for FlanT5-XL; eager reached 0.12 on the H100).
+t5_compiled() {
+    job 150 train_throughput-$SIZE-t5-$DEVICE-compiled $(bench train_throughput.py) --size $SIZE --llm t5 \
+        --device $DEVICE --batch-sizes 16,32 --sides ours_compiled,ours_compiled_graphed,transformers --warmup 2 \
+        --repeats 5 --peak-tflops "$PEAK"
+}
+# Training, Vicuna-7B, batch 8/16: ours with every block compiled (regional), the same replayed as one CUDA graph,
+# transformers compiled whole (its graphs from the background processes' cache) and as it is.
+llama_compiled() {
+    ((${#WARM_PIDS[@]})) && wait "${WARM_PIDS[@]}"
+    for warm_batch in 8 16; do
+        tail -n 3 "/tmp/warm_compile_$warm_batch.log" | sed 's/^/   background: /' >>"$LOG"
+    done
+    job 200 train_throughput-$SIZE-llama-$DEVICE-compiled $(bench train_throughput.py) --size $SIZE --llm llama \
+        --device $DEVICE --batch-sizes 8,16 --sides ours_compiled,ours_compiled_graphed,transformers_compiled,transformers \
+        --warmup 2 --repeats 5 --peak-tflops "$PEAK" --profile
+}
+# Training, Vicuna-7B, batch 32 (issue 7: utilisation 0.70): ours compiled by blocks and replayed as one CUDA graph,
+# against transformers as it is.
+llama_b32() {
+    job 150 train_throughput-$SIZE-llama-$DEVICE-b32 $(bench train_throughput.py) --size $SIZE --llm llama \
+        --device $DEVICE --batch-sizes 32 --sides ours_compiled_graphed,transformers --warmup 2 --repeats 5 \
+        --peak-tflops "$PEAK"
+}
+# Generation, Vicuna-7B, batch 1, greedy and 5-beam search: ours' lean loops and transformers' generate with dynamic
+# caches, and both with static caches and compiled (CUDA-graph) decode steps (beam: ours only). Each static side
+# compiles its decode step in 30-40 s. perf_hints: the log says why a compiled step would not be replayed as a CUDA
+# graph (both static paths took about 11 ms per new token on the H200, encoding and prefill included; the weights
+# alone set a floor of about 3 ms).
+static_generation() {
+    job 160 generate_throughput-$SIZE-llama-$DEVICE-static env TORCH_LOGS=perf_hints $(bench generate_throughput.py) \
+        --size $SIZE --llm llama --device $DEVICE --batch-sizes 1 --beams 5 --static --warmup 1 --repeats 3
+}
+# Training, Vicuna-7B, eager: ours, ours with the whole step replayed as one CUDA graph, and transformers as it is,
+# batch 8/16/32: FLOPs, utilisation, peak memory, and a profile of one step per side (kernel time against wall time,
+# launches, host-device synchronisations).
+llama_eager() {
+    job 160 train_throughput-$SIZE-llama-$DEVICE $(bench train_throughput.py) --size $SIZE --llm llama \
+        --device $DEVICE --batch-sizes 8,16,32 --sides ours_graphed,ours,transformers --warmup 3 --repeats 5 \
+        --peak-tflops "$PEAK" --profile
+}
+
+for name in $JOBS; do
+    if [[ $(type -t "$name") != function ]]; then
+        echo "unknown job '$name' in JOBS" | tee -a "$LOG"
+        continue
+    fi
+    "$name"
+done
+((${#WARM_PIDS[@]})) && wait "${WARM_PIDS[@]}"
 echo "== session done in ${SECONDS}s" | tee -a "$LOG"
