@@ -2,6 +2,8 @@
 in variants, each reported as OK or with its error (the probe of the open ``trainer=fsdp`` GPU failure, issue 7).
 
     .venv/bin/python experiments/fsdp_probe.py      # a CUDA machine (gloo on a CPU-only one)
+    FSDP_PROBE_ONLY="own" NO_CUDNN_SDP=1 python experiments/fsdp_probe.py   # variants whose name has "own",
+                                                    # without cuDNN's attention backend for SDPA
 
 Variants: ``parallelize`` as it is (the LLM head a unit of its own); the head left in the root, as before
 2026-11-27 (on the H200 with torch 2.11 its bf16 weight was freed before backward read it); with autograd's
@@ -106,6 +108,9 @@ def like_the_module(output, batch) -> None:
 
 def run(mesh, name: str, steps: int = 2, return_logits: bool = False, anomaly: bool = False, save: bool = False,
         lightning_autocast: bool = False, module_ops: bool = False, **build_flags) -> None:
+    only = os.environ.get("FSDP_PROBE_ONLY")
+    if only and only not in name:
+        return
     print(f"== {name}", flush=True)
     try:
         model = build(mesh, **build_flags)
@@ -133,6 +138,8 @@ def run(mesh, name: str, steps: int = 2, return_logits: bool = False, anomaly: b
 def main() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
+    if os.environ.get("NO_CUDNN_SDP"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
     dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo", rank=0, world_size=1)
     if DEVICE == "cuda":
         torch.cuda.set_device(0)
