@@ -5,22 +5,28 @@ in variants, each reported as OK or with its error (the probe of the open ``trai
     FSDP_PROBE_ONLY="own" NO_CUDNN_SDP=1 python experiments/fsdp_probe.py   # variants whose name has "own",
                                                     # without cuDNN's attention backend for SDPA
 
-Variants: ``parallelize`` as it is (the LLM head a unit of its own); the head left in the root, as before
-2026-11-27 (on the H200 with torch 2.11 its bf16 weight was freed before backward read it); with autograd's
-anomaly mode (a failing backward names its forward op); the full logits instead of the labelled positions; a full
-state dict between the steps, as Lightning saves one; the root keeping its parameters after backward; the model
-built on the CPU, moved by ``fully_shard`` and then by ``.to(device)``, as Lightning's ModelParallelStrategy does
-(its GPU test still failed after the head change, while the probe's own steps ran); Lightning's autocast
-(``cache_enabled=False``, its bf16-mixed plugin's); what ``InstructBlipModule.training_step`` does with the outputs
-between forward and backward (the per-dataset losses by a mask, the finiteness read on the host, the logged
+Each variant runs in a process of its own: on the H200 an illegal memory access in one poisoned every variant after
+it in the same process (session 18). Variants: ``parallelize`` as it is (the LLM head a unit of its own); with a
+check that names any parameter whose storage FSDP freed before backward read it (the illegal access is a kernel
+reading freed memory; the check raises a Python error naming the parameter first); with no unit freeing its
+parameters after forward; the head left in the root, as before 2026-11-27 (on the H200 with torch 2.11 its bf16
+weight was freed before backward read it); the full logits instead of the labelled positions; a full state dict
+between the steps, as Lightning saves one; the root keeping its parameters after backward; the model built on the
+CPU, moved by ``fully_shard`` and then by ``.to(device)``, as Lightning's ModelParallelStrategy does; Lightning's
+autocast (``cache_enabled=False``, its bf16-mixed plugin's); what ``InstructBlipModule.training_step`` does with the
+outputs between forward and backward (the per-dataset losses by a mask, the finiteness read on the host, the logged
 copies); all three together; the data dimension of Lightning's 2-D device mesh; the GPU test's model (the tiny
-checkpoint) alone, and with all of these. (On a CPU, Lightning's own FSDP step, ``trainer=fsdp`` with bf16-mixed under gloo,
-ran three steps on 2026-11-27, so what fails on the GPU is CUDA's side.)
+checkpoint) alone, and with all of these; autograd's anomaly mode (a failing backward names its forward op). (On a
+CPU, Lightning's own FSDP step, ``trainer=fsdp`` with bf16-mixed under gloo, ran three steps on 2026-11-27, and every
+variant passes, so what fails on the GPU is CUDA's side.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 import traceback
 
 import torch
@@ -61,10 +67,11 @@ def checkpoint_model() -> InstructBlip:
 
 
 def build(mesh, head_in_root: bool = False, root_keeps_parameters: bool = False, like_lightning: bool = False,
-          from_checkpoint: bool = False):
+          from_checkpoint: bool = False, keep_after_forward: bool = False):
     """``like_lightning``: as Lightning's ModelParallelStrategy does it, the model is built on the CPU, moved by
     ``fully_shard`` and then given to ``.to(device)`` (its ``model_to_device`` after ``configure_model``).
-    ``from_checkpoint``: the GPU test's model instead of the preset's."""
+    ``from_checkpoint``: the GPU test's model instead of the preset's. ``keep_after_forward``: no unit frees its
+    gathered parameters after forward (backward then gathers nothing)."""
     torch.manual_seed(0)
     model = checkpoint_model() if from_checkpoint else InstructBlip(get_preset("tiny-llama"))
     model = model.to("cpu" if like_lightning else DEVICE)
@@ -80,6 +87,8 @@ def build(mesh, head_in_root: bool = False, root_keeps_parameters: bool = False,
         parallelize(model, _trainer(mesh))
     if root_keeps_parameters:
         model.set_reshard_after_backward(False)
+    if keep_after_forward:
+        model.set_reshard_after_forward(False, recurse=True)
     if like_lightning:
         model.to(DEVICE)
     model.train()
@@ -106,11 +115,46 @@ def like_the_module(output, batch) -> None:
     loss.detach().clone()  # Lightning's closure keeps a copy
 
 
+class FreedStorageError(RuntimeError):
+    pass
+
+
+def _storage_pointer(tensor: torch.Tensor) -> int | None:
+    """The address of the tensor's storage; None for an empty or freed storage, or a tensor without one (DTensor)."""
+    try:
+        storage = tensor.untyped_storage()
+        return storage.data_ptr() if storage.nbytes() else None
+    except RuntimeError:
+        return None
+
+
+def storage_check(model):
+    """Saved-tensor hooks that name a parameter whose storage autograd saved and FSDP freed before backward read it:
+    a Python error with the parameter's name instead of a kernel reading freed memory (an illegal memory access on
+    CUDA). A saved tensor is matched to a parameter by its storage, views of it (``weight.t()``) included."""
+    def pack(tensor):
+        pointer = _storage_pointer(tensor)
+        # outside their unit's forward FSDP's parameters are sharded DTensors (no storage); inside it, the gathered
+        # plain tensors that autograd saves
+        owner = next((name for name, param in model.named_parameters()
+                      if pointer is not None and _storage_pointer(param) == pointer), None)
+        return tensor, owner
+
+    def unpack(packed):
+        tensor, owner = packed
+        needed = (tensor.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(tensor.shape, tensor.stride()))
+                  ) * tensor.element_size() if tensor.numel() else 0
+        if tensor.untyped_storage().nbytes() < needed:
+            raise FreedStorageError(f"backward read {owner or 'a non-parameter tensor'} {tuple(tensor.shape)} "
+                                    f"{tensor.dtype}: storage of {tensor.untyped_storage().nbytes()} bytes, needs {needed}")
+        return tensor
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
 def run(mesh, name: str, steps: int = 2, return_logits: bool = False, anomaly: bool = False, save: bool = False,
-        lightning_autocast: bool = False, module_ops: bool = False, **build_flags) -> None:
-    only = os.environ.get("FSDP_PROBE_ONLY")
-    if only and only not in name:
-        return
+        lightning_autocast: bool = False, module_ops: bool = False, check_storage: bool = False,
+        **build_flags) -> None:
     print(f"== {name}", flush=True)
     try:
         model = build(mesh, **build_flags)
@@ -118,7 +162,10 @@ def run(mesh, name: str, steps: int = 2, return_logits: bool = False, anomaly: b
         for step in range(steps):
             with torch.autograd.set_detect_anomaly(anomaly):
                 batch = preset_training_batch(DEVICE, step)
-                with torch.autocast(DEVICE, torch.bfloat16, cache_enabled=not lightning_autocast):
+                with contextlib.ExitStack() as stack:
+                    if check_storage:
+                        stack.enter_context(storage_check(model))
+                    stack.enter_context(torch.autocast(DEVICE, torch.bfloat16, cache_enabled=not lightning_autocast))
                     output = model(**batch, return_logits=return_logits)
                     if module_ops:
                         like_the_module(output, batch)
@@ -135,7 +182,34 @@ def run(mesh, name: str, steps: int = 2, return_logits: bool = False, anomaly: b
         print(f"== {name}: FAILED {error!r}"[:400], flush=True)
 
 
-def main() -> None:
+# (name, Lightning's 2-D mesh?, flags): the variants closest to Lightning's failing step first, then session 15's
+# head variants
+LIGHTNING_STEP = dict(like_lightning=True, lightning_autocast=True, module_ops=True)
+VARIANTS = [
+    ("parallelize (the head a unit of its own)", False, {}),
+    ("parallelize, freed parameter storage named before backward reads it", False, dict(check_storage=True)),
+    ("parallelize, no unit frees its parameters after forward", False, dict(keep_after_forward=True)),
+    ("parallelize on Lightning's 2-D mesh", True, {}),
+    ("parallelize, the GPU test's model (the tiny checkpoint)", False, dict(from_checkpoint=True)),
+    ("parallelize, Lightning's autocast (cache_enabled=False)", False, dict(lightning_autocast=True)),
+    ("parallelize, the module's ops on the outputs before backward", False, dict(module_ops=True)),
+    ("parallelize, built on the CPU and moved as Lightning does", False, dict(like_lightning=True)),
+    ("parallelize, built and moved as Lightning does, its autocast and the module's ops", False, LIGHTNING_STEP),
+    ("the GPU test's model on Lightning's 2-D mesh, built and moved as Lightning does, its autocast and the "
+     "module's ops", True, dict(from_checkpoint=True, **LIGHTNING_STEP)),
+    ("the head in the root", False, dict(head_in_root=True)),
+    ("the head in the root, freed parameter storage named", False, dict(head_in_root=True, check_storage=True)),
+    ("the head in the root, full logits", False, dict(head_in_root=True, return_logits=True)),
+    ("the head in the root, a full state dict after each step", False, dict(head_in_root=True, save=True)),
+    ("the head in the root, the root keeps its parameters after backward", False,
+     dict(head_in_root=True, root_keeps_parameters=True)),
+    ("parallelize, a full state dict after each step", False, dict(save=True)),
+    ("parallelize, built and moved as Lightning does, anomaly mode", False, dict(like_lightning=True, anomaly=True)),
+]
+
+
+def run_variant(index: int) -> None:
+    """One variant in this process (a CUDA illegal memory access poisons every later CUDA call of the process)."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     if os.environ.get("NO_CUDNN_SDP"):
@@ -143,34 +217,31 @@ def main() -> None:
     dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo", rank=0, world_size=1)
     if DEVICE == "cuda":
         torch.cuda.set_device(0)
-    mesh = init_device_mesh(DEVICE, (1,), mesh_dim_names=("data_parallel",))
-    # what Lightning's ModelParallelStrategy builds: a 2-D (data, tensor) mesh, of which parallelize takes the data
-    # dimension (a sub-mesh with process groups of its own)
-    lightning_mesh = init_device_mesh(DEVICE, (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    name, lightning_mesh, flags = VARIANTS[index]
+    if lightning_mesh:
+        # what Lightning's ModelParallelStrategy builds: a 2-D (data, tensor) mesh, of which parallelize takes the
+        # data dimension (a sub-mesh with process groups of its own)
+        mesh = init_device_mesh(DEVICE, (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))["data_parallel"]
+    else:
+        mesh = init_device_mesh(DEVICE, (1,), mesh_dim_names=("data_parallel",))
     try:
-        # the variants closest to Lightning's failing step first (a variant that poisons the process with an illegal
-        # memory access would fail every one after it); then session 15's head variants
-        run(mesh, "parallelize (the head a unit of its own)")
-        run(lightning_mesh["data_parallel"], "parallelize on Lightning's 2-D mesh")
-        run(mesh, "parallelize, the GPU test's model (the tiny checkpoint)", from_checkpoint=True)
-        run(mesh, "parallelize, Lightning's autocast (cache_enabled=False)", lightning_autocast=True)
-        run(mesh, "parallelize, the module's ops on the outputs before backward", module_ops=True)
-        run(mesh, "parallelize, built on the CPU and moved as Lightning does", like_lightning=True)
-        run(mesh, "parallelize, built and moved as Lightning does, its autocast and the module's ops",
-            like_lightning=True, lightning_autocast=True, module_ops=True)
-        run(lightning_mesh["data_parallel"], "the GPU test's model on Lightning's 2-D mesh, built and moved as "
-            "Lightning does, its autocast and the module's ops", from_checkpoint=True, like_lightning=True,
-            lightning_autocast=True, module_ops=True)
-        run(mesh, "the head in the root", head_in_root=True)
-        run(mesh, "the head in the root, anomaly mode", head_in_root=True, anomaly=True)
-        run(mesh, "the head in the root, full logits", head_in_root=True, return_logits=True)
-        run(mesh, "the head in the root, a full state dict after each step", head_in_root=True, save=True)
-        run(mesh, "the head in the root, the root keeps its parameters after backward", head_in_root=True,
-            root_keeps_parameters=True)
-        run(mesh, "parallelize, a full state dict after each step", save=True)
-        run(mesh, "parallelize, built and moved as Lightning does, anomaly mode", like_lightning=True, anomaly=True)
+        run(mesh, name, **flags)
     finally:
         dist.destroy_process_group()
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--variant":
+        run_variant(int(sys.argv[2]))
+        return
+    only = os.environ.get("FSDP_PROBE_ONLY")
+    for index, (name, _, _) in enumerate(VARIANTS):
+        if only and only not in name:
+            continue
+        # each variant in a fresh process; a crashed one (no OK/FAILED line) is reported by its exit status
+        status = subprocess.run([sys.executable, __file__, "--variant", str(index)]).returncode
+        if status:
+            print(f"== {name}: process exited with status {status}", flush=True)
 
 
 if __name__ == "__main__":

@@ -290,6 +290,33 @@ def first_call(name: str, step, device: str) -> tuple[dict, object]:
     return dict(first_call_s=seconds, **({} if peak is None else dict(peak_gib=peak))), output
 
 
+def kernel_profile(step, device: str) -> dict:
+    """Where a step's (or a generate call's) wall time goes on a GPU: one call under torch's profiler, its kernels'
+    summed time against the call's wall time (the rest is the GPU waiting for the host), the number of kernel launches
+    and of host-device synchronisations, and the kernels that take the most time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        step()
+        sync(device)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernel_s = sum(e.self_device_time_total for e in kernels) / 1e6
+    syncs = {e.key: e.count for e in events if e.key in (
+        "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync")}
+    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:8]
+    return dict(
+        profiled_wall_s=wall, kernel_s=kernel_s, gpu_busy=kernel_s / wall,
+        kernel_launches=sum(e.count for e in kernels),
+        sync_calls=syncs, top_kernels=[dict(name=e.key[:80], s=e.self_device_time_total / 1e6, count=e.count)
+                                       for e in top],
+    )
+
+
 def median_seconds(fn, device: str, warmup: int, repeats: int) -> float:
     """Median wall seconds of one callable (the data-loader benchmark's measure)."""
     return time_sides({"fn": fn}, device, warmup, repeats)["fn"].wall_s

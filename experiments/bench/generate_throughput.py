@@ -17,6 +17,9 @@ of decoder-only LLMs: ``decoding_options`` cache="static", compile=True).
 CUDA graph and replayed per token (``decoding_options`` cache="static", step="graphed"; side
 ``ours_static_graphed``), and the same over a ``torch.compile``d forward (``ours_static_compiled_graphed``).
 ``--fixed`` (any device): that step without the graph (step="fixed"; side ``ours_static_fixed``).
+``--profile`` (GPU): one call of each side under torch's profiler: its kernels' time against its wall time, the
+kernel launches, the host-device synchronisations and the costliest kernels (where a call's time goes: the image
+encoding and prefill against the decode steps, the GPU waiting on the host).
 
 Prints one JSON object: new tokens per second of each side (from CPU time on a CPU, wall time on a GPU), median
 wall and CPU seconds per call, and the ratios.
@@ -39,7 +42,8 @@ from instructblip.model import decoding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    add_device_flags, build_pair, emit, environment, first_call, setup_device, synthetic_batch, time_sides,
+    add_device_flags, build_pair, emit, environment, first_call, kernel_profile, setup_device, synthetic_batch,
+    time_sides,
 )
 
 
@@ -75,6 +79,8 @@ def main() -> None:
     parser.add_argument("--graphed", action="store_true",
                         help="greedy, CUDA: also time ours' decode step replayed as a CUDA graph (eager, compiled)")
     parser.add_argument("--fixed", action="store_true", help="greedy: also time ours' fixed-shape decode step")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU: profile one call of each side (kernel time against wall time, launches, syncs)")
     args = parser.parse_args()
     setup_device(args.device, args.threads)
 
@@ -138,6 +144,9 @@ def main() -> None:
                     tokens_per_s=batch_size * args.new_tokens / timing.primary(args.device), **timing.as_dict(),
                     **first_calls[name],
                 )
+            if args.profile and cuda:
+                for name, fn in sides.items():
+                    row["sides"][name]["profile"] = kernel_profile(fn, args.device)
             speed = {name: side["tokens_per_s"] for name, side in row["sides"].items()}
             for mine, theirs_name, key in (
                 ("ours", "transformers", "ours_vs_transformers"),

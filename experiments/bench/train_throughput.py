@@ -56,15 +56,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    add_device_flags, build_pair, emit, environment, first_call, setup_device, sync, synthetic_batch, time_sides,
-    train_like_the_module,
+    add_device_flags, build_pair, emit, environment, first_call, kernel_profile, setup_device, sync, synthetic_batch,
+    time_sides, train_like_the_module,
 )
 from padding import draw_text_lengths  # noqa: E402
 
@@ -236,33 +235,6 @@ def flops_per_sample(step, batch_size: int) -> float:
     with counter:
         step()
     return counter.get_total_flops() / batch_size
-
-
-def kernel_profile(step, device: str) -> dict:
-    """Where a step's wall time goes on a GPU: one step under torch's profiler, its kernels' summed time against the
-    step's wall time (the rest is the GPU waiting for the host), the number of kernel launches and of host-device
-    synchronisations, and the kernels that take the most time."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        step()
-        sync(device)
-        wall = time.perf_counter() - start
-    events = prof.key_averages()
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
-    kernel_s = sum(e.self_device_time_total for e in kernels) / 1e6
-    syncs = {e.key: e.count for e in events if e.key in (
-        "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync")}
-    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:8]
-    return dict(
-        profiled_wall_s=wall, kernel_s=kernel_s, gpu_busy=kernel_s / wall,
-        kernel_launches=sum(e.count for e in kernels),
-        sync_calls=syncs, top_kernels=[dict(name=e.key[:80], s=e.self_device_time_total / 1e6, count=e.count)
-                                       for e in top],
-    )
 
 
 def main() -> None:
