@@ -58,7 +58,7 @@ job() {  # job SECONDS NAME COMMAND...  (the limit is cut to what is left of the
 }
 bench() { echo "$PY" "experiments/bench/$1"; }
 
-# Each job below is a function; JOBS names those to run, in order (default: all, those of still unmet targets first), e.g.
+# Each job below is a function; JOBS names those to run, in order (default: all, unmet targets first), e.g.
 #   JOBS="greedy_graphed t5_compiled pytest_gpu" bash experiments/bench/gpu_session.sh
 JOBS=${JOBS:-"greedy_graphed fsdp_probe pytest_gpu llama_b32 t5_b32 t5_compiled llama_compiled static_generation llama_eager"}
 
