@@ -117,6 +117,15 @@ def test_manual_step_mode_skips_a_nonfinite_step_and_stops_after_too_many(tiny_c
     with pytest.raises(NonFiniteLossError, match=r"3 optimiser steps in a row had a NaN/inf loss"):
         trainer.fit(module, datamodule=datamodule)
 
+    # a step's skip is read one step late (no host wait between steps), or at once on logging and checkpointing
+    # steps (none here): the run's end reads the last step's
+    module, datamodule, trainer, _ = build(tiny_checkpoint, generated_data, tmp_path / "last", 4,
+                                           "stage.module.step_mode=manual", "faults.max_consecutive_nonfinite=1",
+                                           "trainer.log_every_n_steps=50", "checkpoint.every_n_steps=50")
+    trainer.callbacks.append(NanImages({2, 3}))
+    with pytest.raises(NonFiniteLossError, match=r"2 optimiser steps in a row had a NaN/inf loss"):
+        trainer.fit(module, datamodule=datamodule)
+
 
 def test_step_modes_refuse_what_they_cannot_run(tmp_path):
     from instructblip.errors import ConfigError

@@ -141,6 +141,27 @@ def rng_states_from_checkpoint(states: dict) -> dict:
     return states
 
 
+class HostRead:
+    """A device scalar's value, its copy to the host started now and waited for only when ``value()`` asks: a copy
+    to pinned memory queued behind the work that produced it, then an event on that copy alone (``int()`` on a CUDA
+    tensor would wait for everything queued on the stream by then)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.event = None
+        if tensor.is_cuda:
+            self.host = torch.empty((), dtype=tensor.dtype, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tensor.detach().clone()  # the counters go on changing in place
+
+    def value(self) -> int:
+        if self.event is not None:
+            self.event.synchronize()
+        return int(self.host)
+
+
 class InstructBlipModule(pl.LightningModule):
     """One generative stage. ``model``: a factory returning the plain model with ``.processor`` (built in
     :meth:`configure_model`, so FSDP can shard it as it is built); ``optimizer``/``scheduler``: partial factories
@@ -187,6 +208,7 @@ class InstructBlipModule(pl.LightningModule):
         # the CudaGraphTrainSteps of step_mode cuda_graph (one per batch shape) or manual (one), built when needed
         self._whole_steps: dict = {}
         self._skipped_before_whole_step = 0  # non-finite skips counted before the first was built (a resume)
+        self._pending_skips: HostRead | None = None  # the last whole step's skip count, not yet read
         # True: inductor; a string names another torch.compile backend ("aot_eager" checks the wrapping on a CPU)
         self.compile_backend = ("inductor" if compile is True else compile) or None
         # blocks: each transformer block its own graph (seconds to compile, FSDP-friendly); whole: the model's forward
@@ -314,10 +336,19 @@ class InstructBlipModule(pl.LightningModule):
             torch.manual_seed(seed)  # the warm-up and the capture drew numbers; this step starts where any other does
         loss = step(inputs).clone()
         per_sample = None if step.per_sample_loss is None else step.per_sample_loss.clone()
-        counters = [whole.skipped_steps for whole in self._whole_steps.values()]
-        skipped = int(torch.stack(counters).sum()) + self._skipped_before_whole_step  # one host read per step
-        self._count_nonfinite(bad=skipped > self.nonfinite_skipped)
+        # The skip counters are read one step late: the last step's count is waited for only now that this step is
+        # queued behind it, so the GPU never waits for the host between steps (reading this step's count would stop
+        # the host until the step ends, once per step). Logging steps, checkpoints and the run's end read it at once.
+        self._count_pending_skips()
+        self._pending_skips = HostRead(torch.stack([whole.skipped_steps for whole in self._whole_steps.values()]).sum())
         return loss, per_sample
+
+    def _count_pending_skips(self) -> None:
+        """Counts the non-finite skips of the last whole step whose count was not yet read."""
+        pending, self._pending_skips = self._pending_skips, None
+        if pending is not None:
+            skipped = pending.value() + self._skipped_before_whole_step
+            self._count_nonfinite(bad=skipped > self.nonfinite_skipped)
 
     def _build_whole_step(self, inputs: dict):
         from instructblip.train.cuda_graph import CudaGraphTrainStep
@@ -365,6 +396,9 @@ class InstructBlipModule(pl.LightningModule):
                     if isinstance(group["lr"], torch.Tensor):
                         group["lr"] = float(group["lr"])
 
+    def on_train_end(self) -> None:
+        self._count_pending_skips()  # the last step's skip (or the last of too many in a row) counts too
+
     def _log_step(self, batch: dict, loss: torch.Tensor, per_sample: torch.Tensor | None) -> None:
         names = batch["dataset"]
         self.samples_seen.update(names)
@@ -375,8 +409,10 @@ class InstructBlipModule(pl.LightningModule):
         self.log("train/lr", lr.clone() if isinstance(lr, torch.Tensor) else lr, on_step=True, batch_size=len(names))
         if per_sample is not None:
             for name in sorted(set(names)):
-                rows = torch.tensor([n == name for n in names], device=per_sample.device)
-                self.log(f"train/loss/{name}", per_sample[rows].mean(), on_step=True, batch_size=int(rows.sum()))
+                chosen = [n == name for n in names]
+                rows = torch.tensor(chosen, device=per_sample.device)
+                # the row count from the host list: int() of a device sum would wait for the step to end
+                self.log(f"train/loss/{name}", per_sample[rows].mean(), on_step=True, batch_size=sum(chosen))
         if self.trainer._logger_connector.should_update_logs:
             self._log_counts()
 
@@ -396,6 +432,7 @@ class InstructBlipModule(pl.LightningModule):
             for reason in sorted(by_reason):
                 self.log(f"data/skipped/{reason}", float(by_reason[reason]), on_step=True, reduce_fx="sum",
                          sync_dist=world > 1)
+        self._count_pending_skips()  # a logging step reads the host anyway
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -488,6 +525,7 @@ class InstructBlipModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from lightning.fabric.utilities.seed import _collect_rng_states
 
+        self._count_pending_skips()  # the counters saved are the steps' so far
         frozen = set(self.frozen_names)
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.removeprefix("model.") in frozen]:
