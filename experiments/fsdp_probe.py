@@ -16,9 +16,12 @@ CPU, moved by ``fully_shard`` and then by ``.to(device)``, as Lightning's ModelP
 autocast (``cache_enabled=False``, its bf16-mixed plugin's); what ``InstructBlipModule.training_step`` does with the
 outputs between forward and backward (the per-dataset losses by a mask, the finiteness read on the host, the logged
 copies); all three together; the data dimension of Lightning's 2-D device mesh; the GPU test's model (the tiny
-checkpoint) alone, and with all of these; autograd's anomaly mode (a failing backward names its forward op). (On a
-CPU, Lightning's own FSDP step, ``trainer=fsdp`` with bf16-mixed under gloo, ran three steps on 2026-11-27, and every
-variant passes, so what fails on the GPU is CUDA's side.)
+checkpoint) alone, and with all of these; autograd's anomaly mode (a failing backward names its forward op). Every
+variant passes on a CPU under torch 2.14. The H200's failure most likely came from torch 2.11's FSDP2, which found
+the loss for its pre-backward hook only through ``tree_flatten``: with ``encode_images`` registered as a forward
+method, the root freed its parameters after forward, and they were never gathered again (reproduced on a CPU by
+emulating that hook, not yet confirmed on a GPU; ``parallelize`` no longer registers it; see
+``tests/train/test_parallel.py::test_the_root_keeps_its_gathered_parameters_from_forward_to_backward``).
 """
 
 from __future__ import annotations

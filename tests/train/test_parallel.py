@@ -77,6 +77,53 @@ def test_the_output_head_is_a_unit_of_its_own_and_a_sharded_step_runs(tied, tmp_
         dist.destroy_process_group()
 
 
+def test_the_root_keeps_its_gathered_parameters_from_forward_to_backward(tmp_path, monkeypatch):
+    """FSDP2 keeps the root's gathered parameters from forward to backward. A method registered as an FSDP forward
+    method and called inside ``forward`` (``encode_images`` was) made the root free them after forward, and torch
+    2.11's FSDP2, whose pre-backward hook finds the loss only through ``tree_flatten`` (which does not open the model's
+    output dataclass), never gathered them again: backward read freed memory (an illegal memory access on the H200).
+    That hook is emulated here where this torch has the function it replaced."""
+    import torch.distributed as dist
+    import torch.distributed.fsdp._fully_shard._fsdp_state as fsdp_state
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.utils._pytree import tree_flatten
+
+    from instructblip.model.instructblip import InstructBlip
+    from instructblip.model.presets import get_preset
+    from instructblip.train.module import freeze_unused, select_trainable
+    from instructblip.train.parallelize import parallelize
+    from instructblip.testing import preset_training_batch
+
+    if hasattr(fsdp_state, "collect_grad_tensors"):
+        monkeypatch.setattr(fsdp_state, "collect_grad_tensors", lambda output: tuple(
+            t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad))
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = InstructBlip(get_preset("tiny-llama"))
+        select_trainable(model, ["query_tokens", "qformer", "projection", "vision.ln_vision"])
+        freeze_unused(model)
+        holder = type("Holder", (), {})
+        trainer = holder()
+        trainer.strategy = holder()
+        trainer.strategy.device_mesh = {"data_parallel": init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))}
+        parallelize(model, trainer)
+        for step in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(**preset_training_batch("cpu", step), return_logits=False).loss
+            # gathered: plain tensors in place of the sharded DTensors, their storage allocated
+            root = [model.projection.weight, model.query_tokens, model.llm.hf_model.model.norm.weight]
+            assert not any(isinstance(p, DTensor) for p in root), f"step {step}: the root freed its parameters"
+            assert all(p.untyped_storage().nbytes() for p in root)
+            loss.backward()
+            assert all(isinstance(p, DTensor) for p in model.parameters())  # freed after backward
+            assert model.projection.weight.grad is not None and torch.isfinite(loss)
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.fixture
 def restored_environment():
     """``os.environ`` as it was before the test: an in-process distributed Lightning run sets WORLD_SIZE, LOCAL_RANK,

@@ -14,7 +14,12 @@ under 32-true), gradients reduced in fp32, sharded master weights in fp32. The f
 tensors and FSDP2 needs one storage dtype per group.
 
 ``generate`` and ``rank`` are not ``forward``: they are registered as FSDP forward methods so that calling them
-all-gathers the root's parameters first.
+all-gathers the root's parameters first. Only the entry points are: a registered method that ``forward`` calls
+(``encode_images`` was one) nests a second pre/post-forward pair inside the root's, whose end leaves the root's state
+idle, so that the outer post-forward frees the root's parameters, which FSDP2 otherwise keeps from forward to
+backward; torch 2.11's FSDP2 then never gathered them again for backward (its pre-backward hook finds the loss
+only in outputs ``tree_flatten`` walks, and the model returns a plain dataclass), and backward read freed memory:
+an illegal memory access on the H200, a segfault on a CPU.
 """
 
 from __future__ import annotations
@@ -93,7 +98,7 @@ def parallelize(model: nn.Module, trainer) -> nn.Module:
     if head_unit:
         fully_shard(head_unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    for method in ("generate", "rank", "encode_images"):
+    for method in ("generate", "rank"):
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)
     return model

@@ -125,8 +125,8 @@ def check_config(cfg: DictConfig) -> None:
     if sharded and accelerator != "cpu":
         warnings.warn(
             "trainer=fsdp has not passed its one-GPU test: on an H200 (torch 2.11) its first backward hit an illegal "
-            "memory access (experiments/README.md, GPU sessions 15 and 18); trainer=ddp and trainer=gpu are the tested "
-            "GPU paths",
+            "memory access, whose cause was fixed after the last GPU session, untested on a GPU since "
+            "(experiments/README.md, GPU session 18); trainer=ddp and trainer=gpu are the tested GPU paths",
             stacklevel=2,
         )
     stage = cfg.stage.name
