@@ -32,36 +32,45 @@ def test_blocks_become_units_and_each_unit_is_all_frozen_or_all_trainable(tiny_c
         assert not inner & set(map(id, blocks))
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_the_output_head_is_a_unit_of_its_own_and_a_sharded_step_runs(tied, tmp_path):
-    """The LLM head outside the root (on an H200 with torch 2.11 its weight was freed, in the root, before backward
-    read it), with the input embeddings when they share its weight; then one bf16 step, here under gloo."""
-    import torch.distributed as dist
+def _sharded_tiny_llama(tied: bool = False):
+    """The tiny-llama preset, trained as stage 2 trains it, under ``parallelize`` on a one-process CPU mesh (the
+    caller holds the gloo group)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
 
     from instructblip.model.instructblip import InstructBlip
     from instructblip.model.presets import get_preset
     from instructblip.train.module import freeze_unused, select_trainable
     from instructblip.train.parallelize import parallelize
+
+    torch.manual_seed(0)
+    model = InstructBlip(get_preset("tiny-llama"))
+    if tied:
+        llm = model.llm.hf_model
+        llm.get_output_embeddings().weight = llm.get_input_embeddings().weight
+    select_trainable(model, ["query_tokens", "qformer", "projection", "vision.ln_vision"])
+    freeze_unused(model)
+    holder = type("Holder", (), {})
+    trainer = holder()
+    trainer.strategy = holder()
+    trainer.strategy.device_mesh = {"data_parallel": init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))}
+    return parallelize(model, trainer)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_output_head_is_a_unit_of_its_own_and_a_sharded_step_runs(tied, tmp_path):
+    """The LLM head outside the root (on an H200 with torch 2.11 its weight was freed, in the root, before backward
+    read it), with the input embeddings when they share its weight; then one bf16 step, here under gloo."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
     from instructblip.testing import preset_training_batch
 
     assert not dist.is_initialized()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        torch.manual_seed(0)
-        model = InstructBlip(get_preset("tiny-llama"))
+        model = _sharded_tiny_llama(tied)
         llm = model.llm.hf_model
-        if tied:
-            llm.get_output_embeddings().weight = llm.get_input_embeddings().weight
-        select_trainable(model, ["query_tokens", "qformer", "projection", "vision.ln_vision"])
-        freeze_unused(model)
-        holder = type("Holder", (), {})
-        trainer = holder()
-        trainer.strategy = holder()
-        trainer.strategy.device_mesh = {"data_parallel": init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))}
-        parallelize(model, trainer)
         head, embeddings = llm.get_output_embeddings(), llm.get_input_embeddings()
         assert isinstance(head, FSDPModule)
         assert isinstance(embeddings, FSDPModule) == tied  # grouped with the head when the weight is shared
@@ -85,14 +94,9 @@ def test_the_root_keeps_its_gathered_parameters_from_forward_to_backward(tmp_pat
     That hook is emulated here where this torch has the function it replaced."""
     import torch.distributed as dist
     import torch.distributed.fsdp._fully_shard._fsdp_state as fsdp_state
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
     from torch.utils._pytree import tree_flatten
 
-    from instructblip.model.instructblip import InstructBlip
-    from instructblip.model.presets import get_preset
-    from instructblip.train.module import freeze_unused, select_trainable
-    from instructblip.train.parallelize import parallelize
     from instructblip.testing import preset_training_batch
 
     if hasattr(fsdp_state, "collect_grad_tensors"):
@@ -101,15 +105,7 @@ def test_the_root_keeps_its_gathered_parameters_from_forward_to_backward(tmp_pat
     assert not dist.is_initialized()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        torch.manual_seed(0)
-        model = InstructBlip(get_preset("tiny-llama"))
-        select_trainable(model, ["query_tokens", "qformer", "projection", "vision.ln_vision"])
-        freeze_unused(model)
-        holder = type("Holder", (), {})
-        trainer = holder()
-        trainer.strategy = holder()
-        trainer.strategy.device_mesh = {"data_parallel": init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))}
-        parallelize(model, trainer)
+        model = _sharded_tiny_llama()
         for step in range(2):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(**preset_training_batch("cpu", step), return_logits=False).loss
