@@ -245,11 +245,10 @@ class LanguageModel(nn.Module):
             logits, _ = self.forward(
                 visual, input_ids, attention_mask, None, decoder_input_ids, decoder_attention_mask
             )
-            if fixed_shapes():
-                return fixed_shape_losses(logits, labels)
-            keep = labels != -100
-            token_losses = F.cross_entropy(logits[keep].float(), labels[keep], reduction="none")
-            rows = keep.nonzero(as_tuple=True)[0]
+            # The decoder's logits are all computed anyway, and its positions are the answer's: the loss over every
+            # one of them, the unlabelled ones adding zero, costs about the same cross-entropy and needs no
+            # selection of the labelled ones (index ops, and a host synchronisation on a GPU).
+            return fixed_shape_losses(logits, labels)
         per_row = token_losses.new_zeros(labels.shape[0]).index_add(0, rows, token_losses)
         labelled = torch.zeros_like(per_row).index_add(0, rows, torch.ones_like(token_losses))
         return token_losses.mean(), per_row / labelled.clamp_min(1)
