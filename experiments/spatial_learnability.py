@@ -3,14 +3,15 @@ learn? A plain loop, outside the demo's recipe: each example is a ShapesWorld-li
 statement and "true" / "false"; one word is one token (no BPE, so no tokenisation effect); accuracy on 2000 held-out
 examples every 500 steps.
 
-    python experiments/spatial_learnability.py [statement=relation|side|relation_word] [cells=demo|regular]
+    python experiments/spatial_learnability.py [statement=relation|side|cell|relation_word] [cells=demo|regular]
         [context=whole|focused] [clauses=0|1] [loss=answer|statement|all] [layers=2] [width=128] [steps=4000]
         [batch=64] [lr=1e-3] [seed=0] [out=experiments/results/spatial_learnability-TAG-DATE.json]
 
 ``statement``: ``relation`` is the demo's held-out statement ("the red square is left of the blue circle", false ones
 name the opposite relation); ``side`` one shape against the image ("the red square is at the left of the image",
-false ones name the opposite side; only shapes in an edge row or column); ``relation_word`` a control whose label is
-the relation word alone ("left of" / "above" true), which any model learns at once. ``cells``: the demo's cell names
+false ones name the opposite side; only shapes in an edge row or column); ``cell`` one shape at a cell ("the red
+square is at the top left"; false ones name the cell of another shape of the scene); ``relation_word`` a control
+whose label is the relation word alone ("left of" / "above" true), which any model learns at once. ``cells``: the demo's cell names
 ("top left", "top", "left", "center") or regular ones, a row word then a column word ("top left", "top center",
 "middle left", "middle center"), so a shape's row and column words always stand at the same distance from its name.
 ``context``: every shape of the scene, or only those the statement names. ``clauses``: the scene text also states
@@ -57,6 +58,8 @@ def example(rng: random.Random, opts: dict) -> tuple[list[str], str]:
         shapes = [(rng.choice(("small", "large")), color, kind, cell) for (color, kind), cell in zip(names, placed)]
         if opts["statement"] == "side":
             choices = [(s, side) for s in shapes for side in SIDES if SIDES[side](s[3])]
+        elif opts["statement"] == "cell":   # a shape and the cell of another one in the scene (the false statement)
+            choices = [(s, other[3]) for s in shapes for other in shapes if other is not s]
         else:
             choices = [(a, rel, b) for a in shapes for b in shapes if a is not b for rel in HOLDS
                        if HOLDS[rel](a[3], b[3])]
@@ -67,6 +70,10 @@ def example(rng: random.Random, opts: dict) -> tuple[list[str], str]:
         shape, side = rng.choice(choices)
         named = [shape]
         statement = f"the {shape[1]} {shape[2]} is at the {side if label else OPPOSITE[side]} of the image"
+    elif opts["statement"] == "cell":
+        shape, other_cell = rng.choice(choices)
+        named = [shape]
+        statement = f"the {shape[1]} {shape[2]} is at the {cells[shape[3] if label else other_cell]}"
     else:
         a, rel, b = rng.choice(choices)
         named = [a, b]
