@@ -11,9 +11,10 @@ examples every 500 steps.
 name the opposite relation); ``side`` one shape against the image ("the red square is at the left of the image",
 false ones name the opposite side; only shapes in an edge row or column); ``cell`` one shape at a cell ("the red
 square is at the top left"; false ones name the cell of another shape of the scene); ``relation_word`` a control
-whose label is the relation word alone ("left of" / "above" true), which any model learns at once. ``cells``: the demo's cell names
-("top left", "top", "left", "center") or regular ones, a row word then a column word ("top left", "top center",
-"middle left", "middle center"), so a shape's row and column words always stand at the same distance from its name.
+whose label is the relation word alone ("left of" / "above" true), which any model learns at once. ``cells``: the
+demo's cell names ("top left", "top", "left", "center") or regular ones, a row word then a column word ("top left",
+"top center", "middle left", "middle center"), so a shape's row and column words always stand at the same distance
+from its name.
 ``context``: every shape of the scene, or only those the statement names. ``clauses``: the scene text also states
 every relation between two shapes ("red square left of blue circle ."). ``loss``: on the answer only, or on every
 token (the scene text and the statement too), or on the
