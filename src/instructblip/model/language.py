@@ -212,31 +212,7 @@ class LanguageModel(nn.Module):
         the others (T5, heads with logit soft-capping or scaling) compute the full logits first.
         ``pack_sequences`` (decoder-only): the LLM runs on the samples packed without padding (``packing.py``).
         """
-        if self.kind == DECODER_ONLY:
-            inputs_embeds, mask = self.embed_with_visual(visual, input_ids, attention_mask)
-            targets = next_token_targets(visual, labels)
-            rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)
-            llm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": mask}
-            if pack_sequences:
-                packed = packing.pack(inputs_embeds, mask, targets, one_row=self._flash_attention())
-                # no attention mask: transformers finds the samples from the restarting position ids
-                llm_inputs = {"inputs_embeds": packed.inputs_embeds, "position_ids": packed.position_ids}
-                targets, rows = packed.targets, packed.sample_index
-            fixed = fixed_shapes() and not pack_sequences
-            keep = targets != -100
-            start = visual.shape[1] - 1  # the visual positions before the last one never carry a target
-            # the positions the head runs on: the labelled ones, or (fixed shapes) every one from the last visual on
-            select = (lambda x: x[:, start:]) if fixed else (lambda x: x[keep])
-            if self._plain_lm_head():
-                body = self.hf_model.base_model(**llm_inputs, use_cache=False)
-                logits = self.hf_model.get_output_embeddings()(select(body.last_hidden_state))
-            else:
-                logits = select(self.hf_model(**llm_inputs, use_cache=False).logits)
-            if fixed:
-                return fixed_shape_losses(logits, select(targets))
-            token_losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
-            rows = rows[keep]
-        else:
+        if self.kind != DECODER_ONLY:
             if pack_sequences:
                 raise ConfigError("pack_sequences=true needs a decoder-only LLM, not an encoder-decoder (T5/FlanT5)")
             if decoder_input_ids is None:
@@ -249,6 +225,29 @@ class LanguageModel(nn.Module):
             # one of them, the unlabelled ones adding zero, costs about the same cross-entropy and needs no
             # selection of the labelled ones (index ops, and a host synchronisation on a GPU).
             return fixed_shape_losses(logits, labels)
+        inputs_embeds, mask = self.embed_with_visual(visual, input_ids, attention_mask)
+        targets = next_token_targets(visual, labels)
+        rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)
+        llm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": mask}
+        if pack_sequences:
+            packed = packing.pack(inputs_embeds, mask, targets, one_row=self._flash_attention())
+            # no attention mask: transformers finds the samples from the restarting position ids
+            llm_inputs = {"inputs_embeds": packed.inputs_embeds, "position_ids": packed.position_ids}
+            targets, rows = packed.targets, packed.sample_index
+        fixed = fixed_shapes() and not pack_sequences
+        keep = targets != -100
+        start = visual.shape[1] - 1  # the visual positions before the last one never carry a target
+        # the positions the head runs on: the labelled ones, or (fixed shapes) every one from the last visual on
+        select = (lambda x: x[:, start:]) if fixed else (lambda x: x[keep])
+        if self._plain_lm_head():
+            body = self.hf_model.base_model(**llm_inputs, use_cache=False)
+            logits = self.hf_model.get_output_embeddings()(select(body.last_hidden_state))
+        else:
+            logits = select(self.hf_model(**llm_inputs, use_cache=False).logits)
+        if fixed:
+            return fixed_shape_losses(logits, select(targets))
+        token_losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+        rows = rows[keep]
         per_row = token_losses.new_zeros(labels.shape[0]).index_add(0, rows, token_losses)
         labelled = torch.zeros_like(per_row).index_add(0, rows, torch.ones_like(token_losses))
         return token_losses.mean(), per_row / labelled.clamp_min(1)
