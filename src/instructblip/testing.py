@@ -20,14 +20,30 @@ released ones:
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def import_script(folder: str, name: str):
+    """A script of the repository outside the package (``folder`` relative to its root, e.g. ``"experiments"`` or
+    ``"experiments/bench"``) imported as a module, without leaving ``folder`` on ``sys.path``."""
+    path = str(REPO / folder)
+    sys.path.insert(0, path)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(path)
+
 
 # Sizes of the tiny model; every key can be overridden through make_tiny_checkpoint(**overrides).
 TINY_DEFAULTS = dict(

@@ -3,24 +3,15 @@ LLM call ours' training path makes, with the inputs ours gave it, and touch noth
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "experiments" / "bench"
+from instructblip.testing import import_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import common
-        import train_throughput
-    finally:
-        sys.path.remove(str(BENCH))
-    return common, train_throughput
+    return import_script("experiments/bench", "common"), import_script("experiments/bench", "train_throughput")
 
 
 @pytest.mark.parametrize("llm", ["t5", "llama"])

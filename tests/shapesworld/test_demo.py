@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from instructblip.testing import import_script
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -155,11 +157,7 @@ def test_demo_variant_reruns_the_last_stages_under_other_settings(demo_dir):
 def test_qformer_probe_trains_the_runs_qformer_on_trunk_and_oracle_features(demo_dir, tmp_path):
     """experiments/shapesworld_qformer_probe.py on the quick demo: a curve per setting, the question-only prior, and
     oracle rows that hold the scene's attributes in their cells."""
-    sys.path.insert(0, str(REPO / "experiments"))
-    try:
-        import shapesworld_qformer_probe as probe
-    finally:
-        sys.path.remove(str(REPO / "experiments"))
+    probe = import_script("experiments", "shapesworld_qformer_probe")
     from instructblip.shapesworld import tasks, world
 
     record, _, _ = tasks.build("shapesworld_vqa", "train", 3, seed=0)
@@ -205,11 +203,7 @@ def test_llm_ceiling_ranks_the_true_false_tasks_as_the_runner_does(demo_dir):
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    sys.path.insert(0, str(REPO / "experiments"))
-    try:
-        import shapesworld_llm
-    finally:
-        sys.path.remove(str(REPO / "experiments"))
+    shapesworld_llm = import_script("experiments", "shapesworld_llm")
     from instructblip.shapesworld import tasks
 
     tokenizer = AutoTokenizer.from_pretrained(str(demo_dir / "llm"))

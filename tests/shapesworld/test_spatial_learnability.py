@@ -4,22 +4,15 @@ model stuck at chance there failed to learn, not to be told."""
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from instructblip.testing import import_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    sys.path.insert(0, str(REPO / "experiments"))
-    try:
-        import spatial_learnability
-    finally:
-        sys.path.remove(str(REPO / "experiments"))
-    return spatial_learnability
+    return import_script("experiments", "spatial_learnability")
 
 
 def _read_scene(context: str, cells: dict) -> dict[str, tuple[int, int]]:

@@ -3,25 +3,16 @@ and backward, as FSDP frees gathered parameters, is named by a Python error befo
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+from instructblip.testing import import_script
 
 
 @pytest.fixture(scope="module")
 def fsdp_probe():
-    sys.path.insert(0, str(EXPERIMENTS))
-    try:
-        import fsdp_probe
-
-        yield fsdp_probe
-    finally:
-        sys.path.remove(str(EXPERIMENTS))
+    return import_script("experiments", "fsdp_probe")
 
 
 def _two_layers() -> nn.Module:
