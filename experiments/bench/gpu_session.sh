@@ -60,7 +60,14 @@ bench() { echo "$PY" "experiments/bench/$1"; }
 
 # Each job below is a function; JOBS names those to run, in order (default: all, unmet targets first), e.g.
 #   JOBS="greedy_graphed t5_compiled pytest_gpu" bash experiments/bench/gpu_session.sh
-JOBS=${JOBS:-"greedy_graphed fsdp_probe pytest_gpu llama_b32 t5_b32 t5_compiled llama_compiled static_generation llama_eager"}
+ALL_JOBS="greedy_graphed fsdp_probe pytest_gpu llama_b32 t5_b32 t5_compiled llama_compiled static_generation llama_eager"
+JOBS=${JOBS:-$ALL_JOBS}
+for name in $JOBS; do  # a misspelt job stops the session before it spends device time
+    if [[ " $ALL_JOBS " != *" $name "* ]]; then
+        echo "JOBS: unknown job '$name'; allowed: $ALL_JOBS" | tee -a "$LOG" >&2
+        exit 2
+    fi
+done
 
 # transformers compiled whole (the bar) takes longer to compile than a job can wait (H200: 145 s per batch
 # size). When llama_compiled is asked for, two background processes compile its step at batch 8 and at batch 16
@@ -155,10 +162,6 @@ llama_eager() {
 }
 
 for name in $JOBS; do
-    if [[ $(type -t "$name") != function ]]; then
-        echo "unknown job '$name' in JOBS" | tee -a "$LOG"
-        continue
-    fi
     "$name"
 done
 ((${#WARM_PIDS[@]})) && wait "${WARM_PIDS[@]}"
