@@ -20,6 +20,9 @@ CUDA graph and replayed per token (``decoding_options`` cache="static", step="gr
 ``--profile`` (GPU): one call of each side under torch's profiler: its kernels' time against its wall time, the
 kernel launches, the host-device synchronisations and the costliest kernels (where a call's time goes: the image
 encoding and prefill against the decode steps, the GPU waiting on the host).
+``--phases`` (any device): also times ours' image encoding alone and the encoding with the prompt's prefill (one LLM
+forward over the whole prompt, no decoding), and gives every side's decode time per new token: its call's wall time
+less the encoding and prefill, over the new tokens (``decode_ms_per_token``; the phases under ``phases_s``).
 
 Prints one JSON object: new tokens per second of each side (from CPU time on a CPU, wall time on a GPU), median
 wall and CPU seconds per call, and the ratios.
@@ -65,6 +68,31 @@ def ours_path(pair, settings: dict) -> str:
     return "transformers.generate"
 
 
+def prefill_phases(pair, batch: dict, cuda: bool) -> dict:
+    """Callables for what every generate call does before its first new token: the image encoding (vision encoder,
+    Q-Former, projection), and that plus the prompt's prefill (one LLM forward over the prompt with the visual
+    tokens, its KV cache kept as a decoding loop keeps it)."""
+    model = pair.ours
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def encode():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            return model.encode_images(
+                batch["pixel_values"], batch.get("qformer_input_ids"), batch.get("qformer_attention_mask"))
+
+    @torch.no_grad()
+    def encode_prefill():
+        visual = encode()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            embeds, mask = model.llm.embed_with_visual(visual, batch["input_ids"], batch.get("attention_mask"))
+            if model.llm.kind == "decoder_only":
+                return model.llm.hf_model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            return model.llm.hf_model.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
+
+    return {"encode": encode, "encode_prefill": encode_prefill}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_device_flags(parser)
@@ -81,6 +109,8 @@ def main() -> None:
     parser.add_argument("--fixed", action="store_true", help="greedy: also time ours' fixed-shape decode step")
     parser.add_argument("--profile", action="store_true",
                         help="GPU: profile one call of each side (kernel time against wall time, launches, syncs)")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time the image encoding and the prefill alone: decode time per new token")
     args = parser.parse_args()
     setup_device(args.device, args.threads)
 
@@ -144,6 +174,12 @@ def main() -> None:
                     tokens_per_s=batch_size * args.new_tokens / timing.primary(args.device), **timing.as_dict(),
                     **first_calls[name],
                 )
+            if args.phases:
+                phases = time_sides(prefill_phases(pair, ours_batch, cuda), args.device, args.warmup, args.repeats)
+                row["phases_s"] = {name: timing.primary(args.device) for name, timing in phases.items()}
+                for side in row["sides"].values():
+                    side["decode_ms_per_token"] = 1000 * (
+                        side["wall_s" if cuda else "cpu_s"] - row["phases_s"]["encode_prefill"]) / args.new_tokens
             if args.profile and cuda:
                 for name, fn in sides.items():
                     row["sides"][name]["profile"] = kernel_profile(fn, args.device)

@@ -107,10 +107,11 @@ fsdp_probe() { job 180 fsdp_probe "$PY" experiments/fsdp_probe.py; }
 # Greedy generation, Vicuna-7B, batch 1 and 16 (issue 7: 250 and 3500 tokens/s): ours' whole decode step replayed as
 # one CUDA graph, over the eager forward and over a compiled one (30-40 s to compile), against transformers' generate
 # and ours' loop (dynamic caches); one call of each side profiled (session 18 measured 140 / 2217 tokens/s, about
-# 7 ms per token at both batch sizes, twice the weights' floor: the profile says where the rest goes).
+# 7 ms per token at both batch sizes, twice the weights' floor: the profile says where the rest goes, and --phases
+# times the image encoding and prefill alone, which gives each side's decode time per token).
 greedy_graphed() {
-    job 120 generate_throughput-$SIZE-llama-$DEVICE-graphed $(bench generate_throughput.py) --size $SIZE --llm llama \
-        --device $DEVICE --batch-sizes 1,16 --modes greedy --graphed --warmup 1 --repeats 3 --profile
+    job 150 generate_throughput-$SIZE-llama-$DEVICE-graphed $(bench generate_throughput.py) --size $SIZE --llm llama \
+        --device $DEVICE --batch-sizes 1,16 --modes greedy --graphed --warmup 1 --repeats 3 --profile --phases
 }
 # Training, FlanT5-XL (issue 7 asks utilisation 0.35; eager reached 0.12 on the H100): batch 32, ours compiled by
 # blocks and replayed as one CUDA graph against transformers as it is; batch 16 beside ours compiled by blocks alone
