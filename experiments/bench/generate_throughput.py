@@ -36,6 +36,7 @@ wall and CPU seconds per call, and the ratios.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -202,6 +203,8 @@ def main() -> None:
             rows.append(row)
             print(f"batch {batch_size} {mode}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in speed.items()),
                   file=sys.stderr)
+            # the whole row (phases, profiles) in the log as it ends: a run stopped later still leaves it there
+            print(f"row {json.dumps(row)}", file=sys.stderr, flush=True)
     pair.ours.llm.decoding_options = {}
     emit(dict(
         benchmark="generate_throughput", size=args.size, llm=args.llm, new_tokens=args.new_tokens,

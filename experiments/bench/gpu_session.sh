@@ -110,7 +110,7 @@ fsdp_probe() { job 180 fsdp_probe "$PY" experiments/fsdp_probe.py; }
 # 7 ms per token at both batch sizes, twice the weights' floor: the profile says where the rest goes, and --phases
 # times the image encoding and prefill alone, which gives each side's decode time per token).
 greedy_graphed() {
-    job 150 generate_throughput-$SIZE-llama-$DEVICE-graphed $(bench generate_throughput.py) --size $SIZE --llm llama \
+    job 200 generate_throughput-$SIZE-llama-$DEVICE-graphed $(bench generate_throughput.py) --size $SIZE --llm llama \
         --device $DEVICE --batch-sizes 1,16 --modes greedy --graphed --warmup 1 --repeats 3 --profile --phases
 }
 # Training, FlanT5-XL (issue 7 asks utilisation 0.35; eager reached 0.12 on the H100): batch 32, ours compiled by

@@ -38,3 +38,22 @@ def test_llm_alone_replays_the_llm_call_of_ours_training_path(bench, llm):
     torch.testing.assert_close(seen[0], seen[1])
     torch.testing.assert_close(replayed, seen[1])
     assert all(p.grad is None for p in pair.ours.parameters() if p.requires_grad)
+
+
+def test_generation_phases_prefill_predicts_the_first_new_token(bench):
+    """``generate_throughput --phases`` subtracts its encode+prefill time from each call: that callable must do the
+    call's own pre-decoding work, so its last logits choose the token greedy decoding emits first."""
+    common, _ = bench
+    generate_throughput = import_script("experiments/bench", "generate_throughput")
+    torch.manual_seed(0)
+    pair = common.build_pair("tiny", "llama", "cpu")
+    pair.ours.eval()
+    ours_batch, _ = generate_throughput.generation_inputs(pair, 2, 24, "cpu")
+    phases = generate_throughput.prefill_phases(pair, ours_batch, cuda=False)
+    assert set(phases) == {"encode", "encode_prefill"}
+    visual = phases["encode"]()
+    assert visual.shape[:2] == (2, pair.config.num_query_tokens)
+    prefill = phases["encode_prefill"]()
+    assert prefill.logits.shape[1] == 1 and prefill.past_key_values is not None
+    first = pair.ours.generate_ids(ours_batch, num_beams=1, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+    torch.testing.assert_close(prefill.logits[:, -1].argmax(-1), first[:, 0])

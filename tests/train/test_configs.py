@@ -97,13 +97,6 @@ def test_config_errors_name_the_key_and_the_allowed_values(tmp_path):
         assert "\n" not in str(caught.value)
 
 
-def test_fsdp_warns_that_its_gpu_test_has_not_passed(tmp_path):
-    from instructblip.train.validate import check_config
-
-    with pytest.warns(UserWarning, match=r"trainer=fsdp has not passed its one-GPU test.*trainer=ddp"):
-        check_config(compose(["trainer=fsdp"], tmp_path))
-
-
 def test_cli_prints_config_errors_as_one_line(tmp_path):
     script = Path(sys.executable).parent / "instructblip-train"
     result = subprocess.run([str(script), "stage=blip2_stage5", f"hydra.run.dir={tmp_path}"],
