@@ -317,11 +317,6 @@ def kernel_profile(step, device: str) -> dict:
     )
 
 
-def median_seconds(fn, device: str, warmup: int, repeats: int) -> float:
-    """Median wall seconds of one callable (the data-loader benchmark's measure)."""
-    return time_sides({"fn": fn}, device, warmup, repeats)["fn"].wall_s
-
-
 def add_device_flags(parser) -> None:
     """The flags every model benchmark shares."""
     parser.add_argument("--size", default="cpu", choices=["tiny", "cpu", "released"])

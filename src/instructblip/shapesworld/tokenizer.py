@@ -8,7 +8,6 @@ text pretraining does), so the LLM sees the same ids in both.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -35,8 +34,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    unk_token=UNK, padding_side="right", model_max_length=512)
 
-
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))

@@ -284,7 +284,3 @@ def caption(scene: Scene, rng: random.Random | None = None) -> str:
         text += f" with the word {scene.word.text}"
     return text
 
-
-def describe_clip(clip: Clip) -> str:
-    return (f"a {clip.mover.name} moves {clip.direction} past a {clip.still.name} at the "
-            f"{CELL_NAMES[clip.still.cell]}.")
