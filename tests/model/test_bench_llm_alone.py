@@ -57,3 +57,23 @@ def test_generation_phases_prefill_predicts_the_first_new_token(bench):
     assert prefill.logits.shape[1] == 1 and prefill.past_key_values is not None
     first = pair.ours.generate_ids(ours_batch, num_beams=1, max_new_tokens=1, min_new_tokens=1, do_sample=False)
     torch.testing.assert_close(prefill.logits[:, -1].argmax(-1), first[:, 0])
+
+
+def test_generation_phases_prefill_of_t5_is_the_encoder_pass_generation_makes(bench):
+    """For T5 the prefill is the encoder's pass over the prompt: the same hidden states ours' generate computes."""
+    common, _ = bench
+    generate_throughput = import_script("experiments/bench", "generate_throughput")
+    torch.manual_seed(0)
+    pair = common.build_pair("tiny", "t5", "cpu")
+    pair.ours.eval()
+    ours_batch, _ = generate_throughput.generation_inputs(pair, 2, 24, "cpu")
+    seen = []
+    encoder = pair.ours.llm.hf_model.get_encoder()
+    hook = encoder.register_forward_hook(lambda module, args, output: seen.append(output[0].detach().clone()))
+    try:
+        prefill = generate_throughput.prefill_phases(pair, ours_batch, cuda=False)["encode_prefill"]()
+        pair.ours.generate_ids(ours_batch, num_beams=1, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    finally:
+        hook.remove()
+    assert len(seen) == 2
+    torch.testing.assert_close(prefill.last_hidden_state, seen[1])
