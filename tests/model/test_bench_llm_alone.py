@@ -40,15 +40,22 @@ def test_llm_alone_replays_the_llm_call_of_ours_training_path(bench, llm):
     assert all(p.grad is None for p in pair.ours.parameters() if p.requires_grad)
 
 
-def test_generation_phases_prefill_predicts_the_first_new_token(bench):
-    """``generate_throughput --phases`` subtracts its encode+prefill time from each call: that callable must do the
-    call's own pre-decoding work, so its last logits choose the token greedy decoding emits first."""
+
+def generation_setup(bench, llm: str):
+    """(the generation benchmark's module, a tiny pair in eval mode, ours' unpadded batch of 2 prompts)."""
     common, _ = bench
     generate_throughput = import_script("experiments/bench", "generate_throughput")
     torch.manual_seed(0)
-    pair = common.build_pair("tiny", "llama", "cpu")
+    pair = common.build_pair("tiny", llm, "cpu")
     pair.ours.eval()
     ours_batch, _ = generate_throughput.generation_inputs(pair, 2, 24, "cpu")
+    return generate_throughput, pair, ours_batch
+
+
+def test_generation_phases_prefill_predicts_the_first_new_token(bench):
+    """``generate_throughput --phases`` subtracts its encode+prefill time from each call: that callable must do the
+    call's own pre-decoding work, so its last logits choose the token greedy decoding emits first."""
+    generate_throughput, pair, ours_batch = generation_setup(bench, "llama")
     phases = generate_throughput.prefill_phases(pair, ours_batch, cuda=False)
     assert set(phases) == {"encode", "encode_prefill"}
     visual = phases["encode"]()
@@ -61,12 +68,7 @@ def test_generation_phases_prefill_predicts_the_first_new_token(bench):
 
 def test_generation_phases_prefill_of_t5_is_the_encoder_pass_generation_makes(bench):
     """For T5 the prefill is the encoder's pass over the prompt: the same hidden states ours' generate computes."""
-    common, _ = bench
-    generate_throughput = import_script("experiments/bench", "generate_throughput")
-    torch.manual_seed(0)
-    pair = common.build_pair("tiny", "t5", "cpu")
-    pair.ours.eval()
-    ours_batch, _ = generate_throughput.generation_inputs(pair, 2, 24, "cpu")
+    generate_throughput, pair, ours_batch = generation_setup(bench, "t5")
     seen = []
     encoder = pair.ours.llm.hf_model.get_encoder()
     hook = encoder.register_forward_hook(lambda module, args, output: seen.append(output[0].detach().clone()))
