@@ -178,9 +178,9 @@ def main() -> None:
             if args.phases:
                 phases = time_sides(prefill_phases(pair, ours_batch, cuda), args.device, args.warmup, args.repeats)
                 row["phases_s"] = {name: timing.primary(args.device) for name, timing in phases.items()}
-                for side in row["sides"].values():
-                    side["decode_ms_per_token"] = 1000 * (
-                        side["wall_s" if cuda else "cpu_s"] - row["phases_s"]["encode_prefill"]) / args.new_tokens
+                for name, timing in timings.items():
+                    row["sides"][name]["decode_ms_per_token"] = 1000 * (
+                        timing.primary(args.device) - row["phases_s"]["encode_prefill"]) / args.new_tokens
             if args.profile and cuda:
                 for name, fn in sides.items():
                     row["sides"][name]["profile"] = kernel_profile(fn, args.device)

@@ -40,7 +40,6 @@ def test_llm_alone_replays_the_llm_call_of_ours_training_path(bench, llm):
     assert all(p.grad is None for p in pair.ours.parameters() if p.requires_grad)
 
 
-
 def generation_setup(bench, llm: str):
     """(the generation benchmark's module, a tiny pair in eval mode, ours' unpadded batch of 2 prompts)."""
     common, _ = bench

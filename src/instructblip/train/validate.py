@@ -135,11 +135,10 @@ def check_config(cfg: DictConfig) -> None:
     check_image_features(select("data.image_features"), select("data.augment", True),
                          select("data.collate", "instruction"))
     check_fixed_lengths(select("data.fixed_lengths"), select("data.collate", "instruction"))
-    strategy = select("trainer.strategy")
-    check_step_mode(select, str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy))
+    check_step_mode(select)
 
 
-def check_step_mode(select: Callable[..., Any], strategy_name: str) -> None:
+def check_step_mode(select: Callable[..., Any]) -> None:
     """What ``stage.module.step_mode=cuda_graph|manual`` (one step, optimizer included, outside Lightning's loop)
     can run with; each refusal names the key and what works. ``select(key, default=None)``: a composed config's
     value."""
@@ -147,6 +146,8 @@ def check_step_mode(select: Callable[..., Any], strategy_name: str) -> None:
     if mode == "automatic":
         return
     key = f"stage.module.step_mode={mode}"
+    strategy = select("trainer.strategy")  # a name ("auto") or a strategy's config (its _target_ names the class)
+    strategy_name = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy)
     single = strategy_name in ("auto", "single_device") and select("trainer.devices") in (1, "1") \
         and select("trainer.num_nodes", 1) == 1
     if not single and "DDPStrategy" not in strategy_name:
