@@ -12,6 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from instructblip.testing import import_script
+
 SEED = 3
 
 
@@ -153,9 +155,9 @@ def test_features_with_augmentation_or_another_tower_are_refused(tiny_model, vqa
 
 
 def test_config_composes_with_image_features(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
     from hydra.utils import instantiate
-    from train_helpers import compose
+
+    compose = import_script("tests/train", "train_helpers").compose
 
     cfg = compose(["data.image_features=/features", "data.augment=false"], tmp_path)
     module = instantiate(cfg.data)
@@ -190,8 +192,8 @@ def test_video_features_give_the_video_pixel_queries(tiny_model):
 def test_gpu_bf16_features_written_then_trained_on_through_lightning(tmp_path):
     """On a GPU (frozen trunk in bf16 by the dtype policy): the command stores bf16 features, the loss from them is
     the pixel path's, and a bf16-mixed Lightning run trains from them."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-    from train_helpers import compose, tiny_overrides
+    helpers = import_script("tests/train", "train_helpers")
+    compose, tiny_overrides = helpers.compose, helpers.tiny_overrides
 
     from instructblip import InstructBlip
     from instructblip.data.features import write_features
