@@ -60,7 +60,7 @@ bench() { echo "$PY" "experiments/bench/$1"; }
 
 # Each job below is a function; JOBS names those to run, in order (default: all, unmet targets first), e.g.
 #   JOBS="greedy_graphed t5_compiled pytest_gpu" bash experiments/bench/gpu_session.sh
-ALL_JOBS="greedy_graphed pytest_gpu llama_b32 t5_b32 t5_compiled llama_compiled static_generation llama_eager fsdp_probe"
+ALL_JOBS="greedy_graphed decode_floor pytest_gpu llama_b32 t5_b32 t5_compiled llama_compiled static_generation llama_eager fsdp_probe"
 JOBS=${JOBS:-$ALL_JOBS}
 for name in $JOBS; do  # a misspelt job stops the session before it spends device time
     if [[ " $ALL_JOBS " != *" $name "* ]]; then
@@ -111,8 +111,15 @@ fsdp_probe() { job 180 fsdp_probe "$PY" experiments/fsdp_probe.py; }
 # 7 ms per token at both batch sizes, twice the weights' floor: the profile says where the rest goes, and --phases
 # times the image encoding and prefill alone, which gives each side's decode time per token).
 greedy_graphed() {
-    job 200 generate_throughput-$SIZE-llama-$DEVICE-graphed $(bench generate_throughput.py) --size $SIZE --llm llama \
+    job 230 generate_throughput-$SIZE-llama-$DEVICE-graphed $(bench generate_throughput.py) --size $SIZE --llm llama \
         --device $DEVICE --batch-sizes 1,16 --modes greedy --graphed --warmup 1 --repeats 3 --profile --phases
+}
+# The decode step's matrix products alone (Vicuna-7B, batch 1 and 16), replayed as one CUDA graph, q/k/v and
+# gate/up as separate products and fused, against the card's copy bandwidth: the floor a decode step can reach with
+# cuBLAS, and what fusing the projections would gain (about 30 s: 13.5 GB of random weights per layout).
+decode_floor() {
+    job 60 decode_floor-$SIZE-$DEVICE "$PY" experiments/bench/decode_floor.py --size $SIZE --device $DEVICE \
+        --batch-sizes 1,16
 }
 # Training, FlanT5-XL (issue 7 asks utilisation 0.35; eager reached 0.12 on the H100): batch 32, ours compiled by
 # blocks and replayed as one CUDA graph against transformers as it is; batch 16 beside ours compiled by blocks alone
