@@ -22,7 +22,9 @@ kernel launches, the host-device synchronisations and the costliest kernels (whe
 encoding and prefill against the decode steps, the GPU waiting on the host).
 ``--phases`` (any device): also times ours' image encoding alone and the encoding with the prompt's prefill (one LLM
 forward over the whole prompt, no decoding), and gives every side's decode time per new token: its call's wall time
-less the encoding and prefill, over the new tokens (``decode_ms_per_token``; the phases under ``phases_s``).
+less the encoding and prefill, over the new tokens (``decode_ms_per_token``; the phases under ``phases_s``). With
+``--graphed`` the two phases are also timed replayed as CUDA graphs (``*_graphed``), as the graphed sides run them,
+and those sides' decode time is taken against these.
 
 Prints one JSON object: new tokens per second of each side (from CPU time on a CPU, wall time on a GPU), median
 wall and CPU seconds per call, and the ratios.
@@ -69,10 +71,11 @@ def ours_path(pair, settings: dict) -> str:
     return "transformers.generate"
 
 
-def prefill_phases(pair, batch: dict, cuda: bool) -> dict:
+def prefill_phases(pair, batch: dict, cuda: bool, graphed: bool = False) -> dict:
     """Callables for what every generate call does before its first new token: the image encoding (vision encoder,
     Q-Former, projection), and that plus the prompt's prefill (one LLM forward over the prompt with the visual
-    tokens, its KV cache kept as a decoding loop keeps it)."""
+    tokens, its KV cache kept as a decoding loop keeps it). ``graphed``: also both replayed as CUDA graphs, as the
+    graphed sides run them (``encode_graphed``, ``encode_prefill_graphed``)."""
     model = pair.ours
     batch = {k: v.to(model.device) for k, v in batch.items()}
 
@@ -91,7 +94,13 @@ def prefill_phases(pair, batch: dict, cuda: bool) -> dict:
                 return model.llm.hf_model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
             return model.llm.hf_model.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
 
-    return {"encode": encode, "encode_prefill": encode_prefill}
+    phases = {"encode": encode, "encode_prefill": encode_prefill}
+    if graphed:
+        from instructblip.model import graphs
+
+        phases["encode_graphed"] = graphs.GraphedCall(encode)
+        phases["encode_prefill_graphed"] = graphs.GraphedCall(lambda: encode_prefill().logits)
+    return phases
 
 
 def main() -> None:
@@ -176,11 +185,14 @@ def main() -> None:
                     **first_calls[name],
                 )
             if args.phases:
-                phases = time_sides(prefill_phases(pair, ours_batch, cuda), args.device, args.warmup, args.repeats)
+                graphed_phases = cuda and args.graphed and mode == "greedy"
+                phases = time_sides(prefill_phases(pair, ours_batch, cuda, graphed_phases), args.device, args.warmup,
+                                    args.repeats)
                 row["phases_s"] = {name: timing.primary(args.device) for name, timing in phases.items()}
                 for name, timing in timings.items():
+                    before = "encode_prefill_graphed" if graphed_phases and "graphed" in name else "encode_prefill"
                     row["sides"][name]["decode_ms_per_token"] = 1000 * (
-                        timing.primary(args.device) - row["phases_s"]["encode_prefill"]) / args.new_tokens
+                        timing.primary(args.device) - row["phases_s"][before]) / args.new_tokens
             if args.profile and cuda:
                 for name, fn in sides.items():
                     row["sides"][name]["profile"] = kernel_profile(fn, args.device)

@@ -379,3 +379,80 @@ def test_graphed_decode_step_gives_the_loops_token_ids():
     graphed = [d for d in llm.hf_model._instructblip_fixed_step_greedy.values() if d.graphed]
     assert len(graphed) == 1 and graphed[0].graph is not None  # captured in the first call, replayed in the second
     llm.decoding_options = {}
+
+
+def test_masked_padding_of_the_instruction_leaves_the_encoding_unchanged(our_models, images):
+    """Graphed generation right-pads the Q-Former instruction with masked tokens to a multiple of
+    ``GRAPHED_INSTRUCTION_BUCKET`` (one graph for nearby lengths): the queries the LLM sees stay the same."""
+    import torch.nn.functional as F
+
+    from instructblip.model.instructblip import GRAPHED_INSTRUCTION_BUCKET
+
+    model = our_models["llama"]
+    batch = model.processor.generation_batch(images, PROMPTS)
+    ids, mask = batch["qformer_input_ids"], batch["qformer_attention_mask"]
+    padding = GRAPHED_INSTRUCTION_BUCKET - ids.shape[1] % GRAPHED_INSTRUCTION_BUCKET
+    assert padding > 0
+    with torch.no_grad():
+        plain = model.encode_images(batch["pixel_values"], ids, mask)
+        padded = model.encode_images(batch["pixel_values"], F.pad(ids, (0, padding), value=7),
+                                     F.pad(mask, (0, padding)))
+    torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_graphed_generate_replays_encoding_and_prefill_with_the_loops_token_ids(our_models, images):
+    """``generate_ids`` with ``step="graphed"`` (fp32): the image encoding and the prefill are replayed as graphs
+    beside the decode step. The first batch records them, the second (other images, other prompts of the same
+    shapes) replays them; both give the loop's ids."""
+    import copy
+
+    model = copy.deepcopy(our_models["llama"]).place("cuda").eval()
+    model.llm.hf_model._instructblip_fixed_step_greedy = {}
+    settings = dict(num_beams=1, max_new_tokens=8, min_new_tokens=2, repetition_penalty=1.3)
+    batches = [model.processor.generation_batch(images, PROMPTS),
+               model.processor.generation_batch(images[::-1], PROMPTS[::-1])]
+    for batch in batches:
+        model.llm.decoding_options = {}
+        loop = model.generate_ids(batch, **settings).tolist()
+        model.llm.decoding_options = {"cache": "static", "step": "graphed"}
+        assert model.generate_ids(batch, **settings).tolist() == loop
+    assert len(model._graphed_encoding.graphs) == 1  # one signature: recorded once, replayed for the second batch
+    (decoder,) = model.llm.hf_model._instructblip_fixed_step_greedy.values()
+    assert len(decoder.prefill.graphs) == 1 and decoder.graph is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_graphed_encoding_under_autocast_records_the_weight_casts(our_models, images):
+    """Under bf16 autocast the Q-Former's fp32 weights are cast on use, and autocast caches the casts until its
+    context ends. A graph recorded with that cache on would point at cached copies that are freed when the first
+    call's autocast ends, so ``graphs`` warms up and records with the cache off. The replay for other images, in a
+    later autocast context, equals the eager encoding."""
+    import copy
+
+    from instructblip.model import graphs
+
+    model = copy.deepcopy(our_models["llama"]).place("cuda").eval()
+    assert model.qformer.layers[0].self_attention.query.weight.dtype == torch.float32
+    cache_states = []
+
+    def encode_images(*args):
+        cache_states.append(torch.is_autocast_cache_enabled())
+        return model.encode_images(*args)
+
+    encode = graphs.GraphedCall(encode_images)
+    batches = [{k: v.cuda() for k, v in model.processor.generation_batch(imgs, PROMPTS).items()}
+               for imgs in (images, images[::-1])]
+    args = [(b["pixel_values"], b["qformer_input_ids"], b["qformer_attention_mask"]) for b in batches]
+    with torch.no_grad():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            encode(*args[0])
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            replayed = encode(*args[1])
+            eager = model.encode_images(*args[1])
+    assert cache_states == [False, False]  # the warm-up and the recording; the replay runs no Python
+    assert len(encode.graphs) == 1
+    assert replayed.dtype == torch.bfloat16
+    torch.testing.assert_close(replayed, eager)

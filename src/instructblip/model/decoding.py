@@ -23,9 +23,11 @@ option, the compiled step is kept on the model.
 ``step="graphed"`` (greedy, decoder-only, static cache) goes further: the whole decode step, the choice of the token
 (penalty, minimum length, argmax, EOS and pad bookkeeping) and the forward of that token, is written as fixed-shape
 tensor ops that read nothing on the host (``_FixedStepGreedy``), captured once as one CUDA graph and replayed per
-token; the host only reads "has every row finished?" between replays. With ``compile=True`` the captured forward
-is ``torch.compile``'s (default mode: fused kernels, no graphs of its own). The buffers, the static cache and the
-graph are kept on the model for the next call of the same batch size, prompt length and settings.
+token; the host only reads "has every row finished?" between replays. The prompt's prefill into the static cache
+is replayed as a graph of its own (``graphs.GraphedCall``), and ``InstructBlip.generate_ids`` replays the image
+encoding as one too. With ``compile=True`` the captured step's forward is ``torch.compile``'s (default mode: fused
+kernels, no graphs of its own). The buffers, the static cache and the graphs are kept on the model for the next
+call of the same batch size, prompt length and settings.
 ``step="fixed"`` runs that same step eagerly, on any device (what the tests compare with ``generate``).
 """
 
@@ -36,6 +38,7 @@ import inspect
 import torch
 
 from instructblip.errors import ConfigError
+from instructblip.model import graphs
 
 # the greedy decode step: a Python loop step, the fixed-shape step run eagerly, or that step replayed as a CUDA graph
 DECODE_STEPS = ("loop", "fixed", "graphed")
@@ -549,7 +552,8 @@ class _FixedStepGreedy:
     writes it into the token buffer, then runs the LLM on it at the next cache position and writes the new logits
     into the buffer. Its counters (the step, the position ids, the cache position) are tensors advanced in place and
     the ids seen are a (B, vocab) mask, so the step reads nothing on the host and can be captured as one CUDA graph
-    (``graphed``) and replayed once per token. Between steps the host reads whether every row has finished.
+    (``graphed``) and replayed once per token; graphed, the prefill is replayed as a graph too. Between steps the
+    host reads whether every row has finished.
 
     The buffers, the static cache and the graph belong to one (batch, prompt bucket, new tokens, settings) key and
     are reused by later calls with that key (``for_call``): the cache is reset in place and the new prompt
@@ -581,6 +585,9 @@ class _FixedStepGreedy:
         self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
         self.tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
         self.unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        self.prompt_cache_position = torch.arange(prompt_length, device=device)
+        # the prefill is replayed as a graph of its own (its shapes differ from a step's)
+        self.prefill = graphs.GraphedCall(self._prefill, kept=1) if graphed else self._prefill
         self.graph = None
         self.eager_steps = 0  # steps run before the capture, over all calls
 
@@ -631,12 +638,15 @@ class _FixedStepGreedy:
         self.unfinished.fill_(True)
         # in place (the graph holds the cache's tensors): newer transformers count the cache's filled length in it
         self.past.reset()
-        extra = {"cache_position": torch.arange(self.prompt_length, device=mask.device)}
-        logits = self.model(
-            inputs_embeds=inputs_embeds, attention_mask=self.mask, position_ids=positions, use_cache=True,
-            logits_to_keep=1, **{self.cache_arg: self.past}, **(extra if self.takes_cache_position else {}),
+        self.logits.copy_(self.prefill(inputs_embeds, self.mask, positions))
+
+    def _prefill(self, inputs_embeds, mask, positions) -> torch.Tensor:
+        """The prompt's forward into the cache: the last position's logits."""
+        extra = {"cache_position": self.prompt_cache_position} if self.takes_cache_position else {}
+        return self.model(
+            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+            logits_to_keep=1, **{self.cache_arg: self.past}, **extra,
         ).logits[:, -1]
-        self.logits.copy_(logits)
 
     def _choose(self) -> torch.Tensor:
         logits = self.logits  # fp32, overwritten by the next forward: the processors work on it in place
@@ -670,20 +680,11 @@ class _FixedStepGreedy:
             self._step()
             return
         if self.graph is None and self.eager_steps >= self.WARMUP_STEPS:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records the step; nothing runs until the replay below
-                self._step()
+            self.graph, _ = graphs.record(self._step)  # nothing runs until the replay below
         if self.graph is not None:
             self.graph.replay()
             return
-        # warm-up: real steps of this call, on a side stream as a capture asks, taking the capture's code paths
-        from instructblip.model.language import as_if_capturing
-
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), as_if_capturing():
-            self._step()
-        torch.cuda.current_stream().wait_stream(side)
+        graphs.warm_up(self._step)  # a real step of this call, run as the capture will run it
         self.eager_steps += 1
 
 

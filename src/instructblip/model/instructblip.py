@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from instructblip.errors import CheckpointError, ConfigError
+from instructblip.model import graphs
 from instructblip.model.language import DECODER_ONLY, LanguageModel
 from instructblip.model.qformer import QFormer, QFormerConfig
 from instructblip.model.vision import VisionConfig, VisionEncoder
@@ -34,6 +36,8 @@ GENERATION_DEFAULTS = dict(
     length_penalty=1.0,
     num_return_sequences=1,
 )
+# generate_ids with graphed decoding pads the Q-Former instruction to a multiple of this (see there)
+GRAPHED_INSTRUCTION_BUCKET = 32
 
 
 @dataclass
@@ -128,6 +132,7 @@ class InstructBlip(nn.Module):
         self.llm = language_model if language_model is not None else LanguageModel(config.llm)
         self.projection = nn.Linear(qformer_config.hidden_size, self.llm.hidden_size)
         self.processor = None
+        self._graphed_encoding = None  # encode_images as a CUDA graph, built by generate_ids when decoding is graphed
         if config.pack_sequences and self.llm.kind != DECODER_ONLY:
             raise ConfigError(
                 f"pack_sequences=true needs a decoder-only LLM; this one ({config.llm['model_type']}) is an "
@@ -312,7 +317,19 @@ class InstructBlip(nn.Module):
     def generate_ids(self, batch: dict[str, torch.Tensor], **settings) -> torch.Tensor:
         """New token ids for a generation batch (left-padded for decoder-only LLMs), padded with the pad id."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        visual = self.encode_images(batch["pixel_values"], batch.get("qformer_input_ids"), batch.get("qformer_attention_mask"))
+        qformer_ids, qformer_mask = batch.get("qformer_input_ids"), batch.get("qformer_attention_mask")
+        encode = self.encode_images
+        if self.llm.decoding_options.get("step") == "graphed":
+            # The encoding replayed as a CUDA graph too, one per shape: the instruction right-padded (masked) to a
+            # multiple of GRAPHED_INSTRUCTION_BUCKET tokens, so that batches of nearby lengths share a graph.
+            if self._graphed_encoding is None:
+                self._graphed_encoding = graphs.GraphedCall(self.encode_images)
+            encode = self._graphed_encoding
+            if qformer_ids is not None:
+                padding = -qformer_ids.shape[1] % GRAPHED_INSTRUCTION_BUCKET
+                qformer_mask = torch.ones_like(qformer_ids) if qformer_mask is None else qformer_mask
+                qformer_ids, qformer_mask = F.pad(qformer_ids, (0, padding)), F.pad(qformer_mask, (0, padding))
+        visual = encode(batch["pixel_values"], qformer_ids, qformer_mask)
         return self.llm.generate(
             visual,
             batch["input_ids"],

@@ -95,20 +95,6 @@ def fixed_shapes() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-@contextlib.contextmanager
-def as_if_capturing():
-    """Warm-up steps before a CUDA graph capture take the capture's code paths. transformers' LLMs decide by whether
-    a capture runs: outside one they read the attention mask on the host and skip it when nothing is padded; inside
-    one they always build it. Without this, compiled blocks would first see the mask inside the capture and compile
-    there, and kernels the capture needs would be loaded during it."""
-    is_capturing = torch.cuda.is_current_stream_capturing
-    torch.cuda.is_current_stream_capturing = lambda: True
-    try:
-        yield
-    finally:
-        torch.cuda.is_current_stream_capturing = is_capturing
-
-
 def fixed_shape_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(token-mean loss, per-row token-mean loss) over every position of ``logits`` (B, T, V), the -100 targets
     adding zero: ``label_loss``'s numbers with no shape that depends on where the labels are. Selecting the labelled

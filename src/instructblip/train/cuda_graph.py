@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from instructblip.errors import ConfigError
-from instructblip.model.language import as_if_capturing, fixed_shape_loss
+from instructblip.model.graphs import as_if_capturing
+from instructblip.model.language import fixed_shape_loss
 
 
 def check_learning_rates(param_groups: list[dict], captured: list) -> None:
