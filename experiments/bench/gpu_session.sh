@@ -60,7 +60,7 @@ bench() { echo "$PY" "experiments/bench/$1"; }
 
 # Each job below is a function; JOBS names those to run, in order (default: all, unmet targets first), e.g.
 #   JOBS="greedy_graphed t5_compiled pytest_gpu" bash experiments/bench/gpu_session.sh
-ALL_JOBS="greedy_graphed decode_floor pytest_gpu llama_b32 t5_b32 t5_compiled llama_compiled static_generation llama_eager fsdp_probe"
+ALL_JOBS="greedy_graphed decode_floor pytest_gpu pytest_gpu_model llama_b32 t5_b32 t5_compiled llama_compiled static_generation llama_eager fsdp_probe"
 JOBS=${JOBS:-$ALL_JOBS}
 for name in $JOBS; do  # a misspelt job stops the session before it spends device time
     if [[ " $ALL_JOBS " != *" $name "* ]]; then
@@ -100,6 +100,12 @@ pytest_gpu() {
         tests/train/test_step_modes.py tests/data/test_image_features.py; \
         $pytest tests/model/test_model_presets.py tests/model/test_speed_levers.py; \
         $pytest -k fsdp tests/train/test_parallel.py"
+}
+# The model's GPU tests alone (graphed decoding: the step, the prefill, the image encoding), for a session that
+# changed only those paths.
+pytest_gpu_model() {
+    job 60 pytest-gpu-model "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/model/test_model_presets.py \
+        tests/model/test_speed_levers.py
 }
 # The FSDP probe: FSDP2 steps of the tiny model without Lightning, in variants, each in a process of its own
 # (experiments/fsdp_probe.py; among them a check that names a parameter whose storage was freed before backward).

@@ -347,6 +347,28 @@ def test_fixed_decode_step_reads_nothing_on_the_host(lean_only, images, monkeypa
     assert "aten._local_scalar_dense.default" in mode.found
 
 
+def test_prefill_repeats_as_a_graphs_warm_up_and_replay_do(lean_only, images):
+    """Graphed, the prefill runs once to warm up and again as the graph's replay, with no step between: it must
+    leave the cache as one run does (transformers >= 5 advance the cache's filled length in every forward)."""
+    ours = lean_only
+    ours.llm.decoding_options = {"cache": "static", "step": "fixed"}
+    batch = ours.processor.generation_batch(images, PROMPTS)
+    ours.generate_ids(batch, num_beams=1, max_new_tokens=3)
+    (decoder,) = ours.llm.hf_model._instructblip_fixed_step_greedy.values()
+    embeds = torch.randn(decoder.mask.shape[0], decoder.prompt_length, ours.llm.hidden_size)
+    decoder.mask[:, : decoder.prompt_length] = 1
+    positions = torch.arange(decoder.prompt_length).expand(decoder.mask.shape[0], -1)
+    with torch.no_grad():
+        once = decoder._prefill(embeds, decoder.mask, positions)
+        keys_once = [layer.keys.clone() for layer in decoder.past.layers]
+        twice = decoder._prefill(embeds, decoder.mask, positions)
+    torch.testing.assert_close(twice, once)
+    for layer, keys in zip(decoder.past.layers, keys_once):
+        torch.testing.assert_close(layer.keys, keys)
+        if hasattr(layer, "cumulative_length"):
+            assert int(layer.cumulative_length) == decoder.prompt_length
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_graphed_decode_step_gives_the_loops_token_ids():
@@ -408,7 +430,7 @@ def test_graphed_generate_replays_encoding_and_prefill_with_the_loops_token_ids(
     shapes) replays them; both give the loop's ids."""
     import copy
 
-    model = copy.deepcopy(our_models["llama"]).place("cuda").eval()
+    model = copy.deepcopy(our_models["llama"]).place("cuda").float().eval()  # fp32: only the path differs
     model.llm.hf_model._instructblip_fixed_step_greedy = {}
     settings = dict(num_beams=1, max_new_tokens=8, min_new_tokens=2, repetition_penalty=1.3)
     batches = [model.processor.generation_batch(images, PROMPTS),

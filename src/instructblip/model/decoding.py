@@ -636,12 +636,13 @@ class _FixedStepGreedy:
             self.seen.scatter_(1, prompt_ids, True)
         self.tokens.fill_(self.pad)
         self.unfinished.fill_(True)
-        # in place (the graph holds the cache's tensors): newer transformers count the cache's filled length in it
-        self.past.reset()
         self.logits.copy_(self.prefill(inputs_embeds, self.mask, positions))
 
     def _prefill(self, inputs_embeds, mask, positions) -> torch.Tensor:
-        """The prompt's forward into the cache: the last position's logits."""
+        """The prompt's forward into the emptied cache: the last position's logits. Repeatable, as a graph's warm-up
+        and replay need: the cache is reset first, in place (the graphs hold its tensors; newer transformers count
+        its filled length in a tensor of it, which each forward advances)."""
+        self.past.reset()
         extra = {"cache_position": self.prompt_cache_position} if self.takes_cache_position else {}
         return self.model(
             inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions, use_cache=True,
