@@ -112,12 +112,13 @@ pytest_gpu_model() {
 # Last by default since FSDP passed its GPU test (H200, session 20: nine variants in 180 s, about 20 s each).
 fsdp_probe() { job 180 fsdp_probe "$PY" experiments/fsdp_probe.py; }
 # Greedy generation, Vicuna-7B, batch 1 and 16 (issue 7: 250 and 3500 tokens/s): ours' whole decode step replayed as
-# one CUDA graph, over the eager forward and over a compiled one (30-40 s to compile), against transformers' generate
-# and ours' loop (dynamic caches); one call of each side profiled (session 18 measured 140 / 2217 tokens/s, about
-# 7 ms per token at both batch sizes, twice the weights' floor: the profile says where the rest goes, and --phases
-# times the image encoding and prefill alone, which gives each side's decode time per token).
+# one CUDA graph (the image encoding and the prefill as graphs of their own), over the eager forward and over a
+# compiled one (30-45 s to compile), against transformers' generate and ours' loop (dynamic caches); one call of each
+# side profiled, and --phases times the image encoding and prefill alone, eager and graphed, which gives each side's
+# decode time per token (H200, session 22: 190.7 tokens/s at batch 1, 4.8 ms per decode step; the whole job took 221 s
+# in one run and outran 230 s in the next).
 greedy_graphed() {
-    job 230 generate_throughput-$SIZE-llama-$DEVICE-graphed $(bench generate_throughput.py) --size $SIZE --llm llama \
+    job 290 generate_throughput-$SIZE-llama-$DEVICE-graphed $(bench generate_throughput.py) --size $SIZE --llm llama \
         --device $DEVICE --batch-sizes 1,16 --modes greedy --graphed --warmup 1 --repeats 3 --profile --phases
 }
 # The decode step's matrix products alone (Vicuna-7B, batch 1 and 16), replayed as one CUDA graph, q/k/v and
