@@ -1,7 +1,7 @@
 """CUDA graphs for inference: a fixed-shape call recorded once, then replayed with one launch.
 
 At small batch a generate call of a 7B model is launch-bound wherever it is not reading weights: the eager image
-encoding (a 40-block vision encoder, the Q-Former) and the prompt's prefill each launch thousands of small kernels
+encoding (a 39-block vision encoder, the Q-Former) and the prompt's prefill each launch thousands of small kernels
 from Python (on an H200 at batch 1, 25 ms and 24 ms of a 204 ms call, against a few ms of GPU work). Replaying them
 as graphs leaves the GPU only its work. Greedy decoding's ``step="graphed"`` uses this for the prefill and the
 decode step (``decoding._FixedStepGreedy``), and ``InstructBlip.generate_ids`` for the image encoding.
