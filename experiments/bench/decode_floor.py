@@ -10,6 +10,9 @@ so that no launch overhead counts, in two layouts:
 - ``fused``: q/k/v as one product and gate/up as one (four per layer), as a decode path with concatenated weights
   would.
 
+``--triton``: each layout also with its products through ``triton_gemv.gemv`` (a Triton kernel, autotuned per
+shape) instead of cuBLAS, after a check that it gives cuBLAS's numbers.
+
 Beside them, a device-to-device copy gives the bandwidth the card reaches at all. From each layout's step time it
 reports the bandwidth reached, its fraction of the copy's, and the greedy tokens/s that step time alone would allow
 (the image encoding and prefill not counted). The weights are random bf16, one set per
@@ -44,23 +47,23 @@ def projections(width: int, intermediate: int, layers: int, vocab: int, fused: b
     return [[weight(*shape) for shape in shapes] for _ in range(layers)], weight(vocab, width)
 
 
-def decode_products(x: torch.Tensor, layer_weights, head: torch.Tensor, fused: bool) -> torch.Tensor:
+def decode_products(x: torch.Tensor, layer_weights, head: torch.Tensor, fused: bool, linear=F.linear) -> torch.Tensor:
     """The step's products; each output feeds the next product of the same input width (the data flow's shape)."""
     hidden = x
     for weights in layer_weights:
         if fused:
             qkv_w, o_w, gate_up_w, down_w = weights
-            qkv = F.linear(hidden, qkv_w)
-            hidden = hidden + F.linear(qkv[..., : hidden.shape[-1]], o_w)
-            gate_up = F.linear(hidden, gate_up_w)
-            hidden = hidden + F.linear(gate_up[..., : down_w.shape[1]], down_w)
+            qkv = linear(hidden, qkv_w)
+            hidden = hidden + linear(qkv[..., : hidden.shape[-1]], o_w)
+            gate_up = linear(hidden, gate_up_w)
+            hidden = hidden + linear(gate_up[..., : down_w.shape[1]], down_w)
         else:
             q_w, k_w, v_w, o_w, gate_w, up_w, down_w = weights
-            q, _, _ = F.linear(hidden, q_w), F.linear(hidden, k_w), F.linear(hidden, v_w)
-            hidden = hidden + F.linear(q, o_w)
-            gate, _ = F.linear(hidden, gate_w), F.linear(hidden, up_w)
-            hidden = hidden + F.linear(gate, down_w)
-    return F.linear(hidden, head)
+            q, _, _ = linear(hidden, q_w), linear(hidden, k_w), linear(hidden, v_w)
+            hidden = hidden + linear(q, o_w)
+            gate, _ = linear(hidden, gate_w), linear(hidden, up_w)
+            hidden = hidden + linear(gate, down_w)
+    return linear(hidden, head)
 
 
 def time_replays(fn, device: str, repeats: int) -> float:
@@ -102,8 +105,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--triton", action="store_true", help="also run the products through a Triton kernel")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
+    implementations = {"cublas": F.linear}
+    if args.triton:
+        from triton_gemv import best_configs, gemv
+
+        implementations["triton"] = gemv
 
     text = (released_config("llama") if args.size == "released" else small_config(args.size, "llama")).text_config
     width, intermediate, layers, vocab = (text.hidden_size, text.intermediate_size, text.num_hidden_layers,
@@ -123,24 +132,29 @@ def main() -> None:
         layer_weights, head = projections(width, intermediate, layers, vocab, fused, args.device)
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             x = torch.randn(batch, width, device=args.device, dtype=torch.bfloat16)
-            with torch.no_grad():
-                step = graphed(lambda: decode_products(x, layer_weights, head, fused), args.device)
-                seconds = time_replays(step, args.device, args.repeats)
-            bandwidth = weight_bytes / seconds
-            rows.append(dict(
-                layout="fused" if fused else "separate", batch=batch, step_ms=1000 * seconds,
-                bandwidth_gb_s=bandwidth / 1e9, of_copy_bandwidth=bandwidth / copy_bandwidth,
-                tokens_per_s_ceiling=batch / seconds,
-            ))
-            print(f"{rows[-1]['layout']:>8} batch {batch:>3}: {1000 * seconds:.3f} ms per step, "
-                  f"{bandwidth / 1e9:.0f} GB/s ({bandwidth / copy_bandwidth:.2f} of the copy's)",
-                  file=sys.stderr, flush=True)
+            for name, linear in implementations.items():
+                with torch.no_grad():
+                    if name != "cublas":  # the same numbers as cuBLAS on the step's first product and its head
+                        for weight in (layer_weights[0][0], head):
+                            torch.testing.assert_close(linear(x, weight), F.linear(x, weight), rtol=2e-2, atol=2e-2)
+                    step = graphed(lambda: decode_products(x, layer_weights, head, fused, linear), args.device)
+                    seconds = time_replays(step, args.device, args.repeats)
+                bandwidth = weight_bytes / seconds
+                rows.append(dict(
+                    layout="fused" if fused else "separate", products=name, batch=batch, step_ms=1000 * seconds,
+                    bandwidth_gb_s=bandwidth / 1e9, of_copy_bandwidth=bandwidth / copy_bandwidth,
+                    tokens_per_s_ceiling=batch / seconds,
+                ))
+                print(f"{rows[-1]['layout']:>8} {name:>6} batch {batch:>3}: {1000 * seconds:.3f} ms per step, "
+                      f"{bandwidth / 1e9:.0f} GB/s ({bandwidth / copy_bandwidth:.2f} of the copy's)",
+                      file=sys.stderr, flush=True)
         del layer_weights, head
     emit(dict(
         benchmark="decode_floor", size=args.size, weight_gb=weight_bytes / 1e9,
         copy_bandwidth_gb_s=copy_bandwidth / 1e9, floor_ms_at_copy_bandwidth=1000 * weight_bytes / copy_bandwidth,
         timing=f"median of {args.repeats} calls" + (", graph replays, CUDA events" if cuda else ""),
         environment=environment(args.device), rows=rows,
+        **({"triton_configs": best_configs()} if args.triton else {}),
     ))
 
 

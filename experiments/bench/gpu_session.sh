@@ -123,10 +123,13 @@ greedy_graphed() {
 }
 # The decode step's matrix products alone (Vicuna-7B, batch 1 and 16), replayed as one CUDA graph, q/k/v and
 # gate/up as separate products and fused, against the card's copy bandwidth: the floor a decode step can reach with
-# cuBLAS, and what fusing the projections would gain (about 30 s: 13.5 GB of random weights per layout).
+# cuBLAS (H200, session 22: 71% of the copy bandwidth, 80% fused), what fusing the projections gains, and on a GPU
+# the same through a Triton kernel autotuned per shape (triton_gemv.py; the cuBLAS half took 13 s).
 decode_floor() {
-    job 60 decode_floor-$SIZE-$DEVICE "$PY" experiments/bench/decode_floor.py --size $SIZE --device $DEVICE \
-        --batch-sizes 1,16
+    local triton=""
+    [[ $DEVICE == cuda* ]] && triton=--triton
+    job 120 decode_floor-$SIZE-$DEVICE "$PY" experiments/bench/decode_floor.py --size $SIZE --device $DEVICE \
+        --batch-sizes 1,16 $triton
 }
 # Training, FlanT5-XL (issue 7 asks utilisation 0.35; eager reached 0.12 on the H100): batch 32, ours compiled by
 # blocks and replayed as one CUDA graph against transformers as it is; batch 16 beside ours compiled by blocks alone
