@@ -60,7 +60,7 @@ bench() { echo "$PY" "experiments/bench/$1"; }
 
 # Each job below is a function; JOBS names those to run, in order (default: all, unmet targets first), e.g.
 #   JOBS="greedy_graphed t5_compiled pytest_gpu" bash experiments/bench/gpu_session.sh
-ALL_JOBS="greedy_graphed decode_floor pytest_gpu pytest_gpu_model llama_b32 t5_b32 t5_compiled llama_compiled static_generation llama_eager fsdp_probe"
+ALL_JOBS="greedy_graphed decode_floor decode_floor_inductor pytest_gpu pytest_gpu_model llama_b32 t5_b32 t5_compiled llama_compiled static_generation llama_eager fsdp_probe"
 JOBS=${JOBS:-$ALL_JOBS}
 for name in $JOBS; do  # a misspelt job stops the session before it spends device time
     if [[ " $ALL_JOBS " != *" $name "* ]]; then
@@ -130,6 +130,13 @@ decode_floor() {
     [[ $DEVICE == cuda* ]] && triton=--triton
     job 120 decode_floor-$SIZE-$DEVICE "$PY" experiments/bench/decode_floor.py --size $SIZE --device $DEVICE \
         --batch-sizes 1,16 $triton
+}
+# The same products at batch 1 compiled with max-autotune (inductor's own Triton matrix kernels weighed against
+# cuBLAS per shape): whether the graphed step's compiled forward would gain from that mode. Not yet run: the compile
+# with autotuning is expected to take a minute or two.
+decode_floor_inductor() {
+    job 200 decode_floor_inductor-$SIZE-$DEVICE "$PY" experiments/bench/decode_floor.py --size $SIZE \
+        --device $DEVICE --batch-sizes 1 --layouts separate --inductor
 }
 # Training, FlanT5-XL (issue 7 asks utilisation 0.35; eager reached 0.12 on the H100): batch 32, ours compiled by
 # blocks and replayed as one CUDA graph against transformers as it is; batch 16 beside ours compiled by blocks alone
