@@ -16,6 +16,8 @@ of decoder-only LLMs: ``decoding_options`` cache="static", compile=True).
 ``--graphed`` (GPU, greedy, decoder-only): ours' whole decode step (token choice and forward) captured once as a
 CUDA graph and replayed per token (``decoding_options`` cache="static", step="graphed"; side
 ``ours_static_graphed``), and the same over a ``torch.compile``d forward (``ours_static_compiled_graphed``).
+``--autotune`` (GPU, greedy, decoder-only): the graphed step over a forward compiled in max-autotune's mode (side
+``ours_static_autotuned_graphed``; inductor weighs its own Triton matrix kernels against cuBLAS per shape).
 ``--fixed`` (any device): that step without the graph (step="fixed"; side ``ours_static_fixed``).
 ``--profile`` (GPU): one call of each side under torch's profiler: its kernels' time against its wall time, the
 kernel launches, the host-device synchronisations and the costliest kernels (where a call's time goes: the image
@@ -117,6 +119,8 @@ def main() -> None:
     parser.add_argument("--graphed", action="store_true",
                         help="greedy, CUDA: also time ours' decode step replayed as a CUDA graph (eager, compiled)")
     parser.add_argument("--fixed", action="store_true", help="greedy: also time ours' fixed-shape decode step")
+    parser.add_argument("--autotune", action="store_true",
+                        help="greedy, CUDA: also time the graphed step over a forward compiled with max-autotune")
     parser.add_argument("--profile", action="store_true",
                         help="GPU: profile one call of each side (kernel time against wall time, launches, syncs)")
     parser.add_argument("--phases", action="store_true",
@@ -166,6 +170,9 @@ def main() -> None:
                 sides["ours_static_graphed"] = lambda: ours({"cache": "static", "step": "graphed"})
                 sides["ours_static_compiled_graphed"] = lambda: ours(
                     {"cache": "static", "step": "graphed", "compile": True})
+            if mode == "greedy" and args.autotune:
+                sides["ours_static_autotuned_graphed"] = lambda: ours(
+                    {"cache": "static", "step": "graphed", "compile": "max-autotune"})
             reference = theirs().cpu()
             row = dict(batch=batch_size, mode=mode, beams=beams, ours_path=ours_path(pair, settings), sides={})
             print(f"batch {batch_size} {mode}:", file=sys.stderr, flush=True)
@@ -207,6 +214,7 @@ def main() -> None:
                 ("ours_static_compiled_graphed", "transformers", "ours_compiled_graphed_vs_transformers"),
                 ("ours_static_compiled_graphed", "transformers_static_compiled",
                  "ours_compiled_graphed_vs_transformers_static"),
+                ("ours_static_autotuned_graphed", "transformers", "ours_autotuned_graphed_vs_transformers"),
             ):
                 if mine in speed and theirs_name in speed:
                     row[key] = speed[mine] / speed[theirs_name]

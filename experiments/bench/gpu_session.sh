@@ -60,7 +60,7 @@ bench() { echo "$PY" "experiments/bench/$1"; }
 
 # Each job below is a function; JOBS names those to run, in order (default: all, unmet targets first), e.g.
 #   JOBS="greedy_graphed t5_compiled pytest_gpu" bash experiments/bench/gpu_session.sh
-ALL_JOBS="greedy_graphed decode_floor decode_floor_inductor pytest_gpu pytest_gpu_model llama_b32 t5_b32 t5_compiled llama_compiled static_generation llama_eager fsdp_probe"
+ALL_JOBS="greedy_graphed decode_floor decode_floor_inductor greedy_autotuned pytest_gpu pytest_gpu_model llama_b32 t5_b32 t5_compiled llama_compiled static_generation llama_eager fsdp_probe"
 JOBS=${JOBS:-$ALL_JOBS}
 for name in $JOBS; do  # a misspelt job stops the session before it spends device time
     if [[ " $ALL_JOBS " != *" $name "* ]]; then
@@ -137,6 +137,12 @@ decode_floor() {
 decode_floor_inductor() {
     job 200 decode_floor_inductor-$SIZE-$DEVICE "$PY" experiments/bench/decode_floor.py --size $SIZE \
         --device $DEVICE --batch-sizes 1 --layouts separate --inductor
+}
+# Greedy at batch 1 with the graphed step over a forward compiled with max-autotune (inductor's Triton matrix
+# kernels weighed against cuBLAS's per shape): the lever to try when decode_floor_inductor shows it pays. Not yet run.
+greedy_autotuned() {
+    job 300 generate_throughput-$SIZE-llama-$DEVICE-autotuned $(bench generate_throughput.py) --size $SIZE \
+        --llm llama --device $DEVICE --batch-sizes 1 --modes greedy --autotune --warmup 1 --repeats 3 --phases
 }
 # Training, FlanT5-XL (issue 7 asks utilisation 0.35; eager reached 0.12 on the H100): batch 32, ours compiled by
 # blocks and replayed as one CUDA graph against transformers as it is; batch 16 beside ours compiled by blocks alone

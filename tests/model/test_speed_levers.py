@@ -347,6 +347,34 @@ def test_fixed_decode_step_reads_nothing_on_the_host(lean_only, images, monkeypa
     assert "aten._local_scalar_dense.default" in mode.found
 
 
+def test_decoding_compile_option_is_checked_and_reaches_torch_compile(lean_only, images, monkeypatch):
+    """``decoding.compile``: true, false or max-autotune, any other value named with the allowed ones; the fixed
+    step compiles its forward in max-autotune's mode without graphs of its own (the whole step is the graph), the
+    loop's step in max-autotune's mode with them. torch.compile is recorded, not run (minutes on this CPU)."""
+    from instructblip.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"decoding.compile='fast'; allowed: true, false, max-autotune"):
+        decoding.check_decoding_options({"compile": "fast"}, "cpu")
+    modes = []
+
+    def record(fn, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record)
+    ours = lean_only
+    batch = ours.processor.generation_batch(images, PROMPTS)
+    settings = dict(num_beams=1, max_new_tokens=4)
+    ours.llm.decoding_options = {}
+    plain = ours.generate_ids(batch, **settings).tolist()
+    for options in ({"cache": "static", "step": "fixed", "compile": "max-autotune"},
+                    {"cache": "static", "compile": "max-autotune"}):
+        ours.llm.decoding_options = decoding.check_decoding_options(options, "cpu")
+        assert ours.generate_ids(batch, **settings).tolist() == plain
+    assert modes == ["max-autotune-no-cudagraphs", "max-autotune"]
+    ours.llm.hf_model._instructblip_compiled_steps = {}
+
+
 def test_prefill_repeats_as_a_graphs_warm_up_and_replay_do(lean_only, images):
     """Graphed, the prefill runs once to warm up and again as the graph's replay, with no step between: it must
     leave the cache as one run does (transformers >= 5 advance the cache's filled length in every forward)."""

@@ -18,16 +18,19 @@ Sampling and several return sequences are left to ``generate`` (``handles`` says
 ``cache="static"`` uses transformers' ``StaticCache`` and keeps every decode step's shapes fixed (the attention mask
 is one buffer of the final length, filled as tokens come; the cache position is passed where the model takes it),
 and ``compile=True`` runs each decode step through ``torch.compile(mode="reduce-overhead")`` (CUDA graphs): a GPU
-option, the compiled step is kept on the model.
+option, the compiled step is kept on the model. ``compile="max-autotune"`` compiles it in the mode that weighs
+inductor's own Triton matrix kernels against cuBLAS's for each shape (minutes to compile a 7B model's step; whether
+it pays for a decode step's matrix-vector products is what ``experiments/bench/decode_floor.py --inductor``
+measures).
 
 ``step="graphed"`` (greedy, decoder-only, static cache) goes further: the whole decode step, the choice of the token
 (penalty, minimum length, argmax, EOS and pad bookkeeping) and the forward of that token, is written as fixed-shape
 tensor ops that read nothing on the host (``_FixedStepGreedy``), captured once as one CUDA graph and replayed per
 token; the host only reads "has every row finished?" between replays. The prompt's prefill into the static cache
 is replayed as a graph of its own (``graphs.GraphedCall``), and ``InstructBlip.generate_ids`` replays the image
-encoding as one too. With ``compile=True`` the captured step's forward is ``torch.compile``'s (default mode: fused
-kernels, no graphs of its own). The buffers, the static cache and the graphs are kept on the model for the next
-call of the same batch size, prompt length and settings.
+encoding as one too. With ``compile`` the captured step's forward is ``torch.compile``'s (default mode, or
+max-autotune, without graphs of its own). The buffers, the static cache and the graphs are kept on the model for the
+next call of the same batch size, prompt length and settings.
 ``step="fixed"`` runs that same step eagerly, on any device (what the tests compare with ``generate``).
 """
 
@@ -101,7 +104,7 @@ def greedy(
     min_new_tokens: int = 0,
     repetition_penalty: float = 1.0,
     cache: str = "dynamic",
-    compile: bool = False,
+    compile: bool | str = False,
     step: str = "loop",
     **ignored,
 ) -> torch.Tensor:
@@ -173,7 +176,7 @@ def beam_search(
     repetition_penalty: float = 1.0,
     length_penalty: float = 1.0,
     cache: str = "dynamic",
-    compile: bool = False,
+    compile: bool | str = False,
     step: str = "loop",
     **ignored,
 ) -> torch.Tensor:
@@ -248,6 +251,7 @@ def beam_search_encoder_decoder(
     return state.best()
 
 
+# compile: false, true (torch.compile's default modes) or max-autotune (its mode that autotunes matrix kernels)
 DECODING_DEFAULTS = {"cache": "dynamic", "compile": False, "step": "loop"}
 
 
@@ -260,8 +264,8 @@ def check_decoding_options(options: dict, device: str, key: str = "decoding") ->
         raise ConfigError(f"{key}: unknown keys {unknown}; allowed: {', '.join(DECODING_DEFAULTS)}")
     if options["cache"] not in ("dynamic", "static"):
         raise ConfigError(f"{key}.cache={options['cache']!r}; allowed: dynamic, static")
-    if not isinstance(options["compile"], bool):
-        raise ConfigError(f"{key}.compile={options['compile']!r}; allowed: true, false")
+    if not (isinstance(options["compile"], bool) or options["compile"] == "max-autotune"):
+        raise ConfigError(f"{key}.compile={options['compile']!r}; allowed: true, false, max-autotune")
     if options["step"] not in DECODE_STEPS:
         raise ConfigError(f"{key}.step={options['step']!r}; allowed: {', '.join(DECODE_STEPS)}")
     if options["step"] != "loop" and options["cache"] != "static":
@@ -322,11 +326,11 @@ class _CausalSteps:
     where the model takes one, the cache position.
     """
 
-    def __init__(self, model, attention_mask: torch.Tensor, max_new_tokens: int, cache: str, compile: bool):
+    def __init__(self, model, attention_mask: torch.Tensor, max_new_tokens: int, cache: str, compile: bool | str):
         from transformers import DynamicCache, StaticCache
 
         self.cache_arg, self.takes_cache_position = _forward_arguments(model)
-        self.model, self.step_model = model, _compiled_forward(model) if compile else model
+        self.model, self.step_model = model, _compiled_forward(model, compile) if compile else model
         batch, self.prompt_length = attention_mask.shape
         self.static = cache == "static"
         mask = attention_mask.long()
@@ -566,12 +570,14 @@ class _FixedStepGreedy:
     KEPT = 4
 
     def __init__(self, model, key: tuple, batch: int, prompt_length: int, max_new_tokens: int, device,
-                 eos: list[int], pad: int, min_new_tokens: int, penalty: float, graphed: bool, compile: bool):
+                 eos: list[int], pad: int, min_new_tokens: int, penalty: float, graphed: bool, compile: bool | str):
         from transformers import StaticCache
 
         self.cache_arg, self.takes_cache_position = _forward_arguments(model)
         self.model, self.key = model, key
-        self.forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
+        # compiled without graphs of its own: the whole step is captured as one (graphed) or runs eagerly (fixed)
+        mode = "max-autotune-no-cudagraphs" if compile == "max-autotune" else None
+        self.forward = torch.compile(model.forward, dynamic=False, mode=mode) if compile else model.forward
         self.prompt_length, self.max_new_tokens = prompt_length, max_new_tokens
         self.pad, self.min_new_tokens, self.penalty, self.graphed = pad, min_new_tokens, penalty, graphed
         vocab = model.get_output_embeddings().weight.shape[0]
@@ -593,7 +599,7 @@ class _FixedStepGreedy:
 
     @classmethod
     def for_call(cls, model, attention_mask, max_new_tokens, eos_token_id, pad_token_id, min_new_tokens,
-                 repetition_penalty, graphed: bool, compile: bool) -> "_FixedStepGreedy":
+                 repetition_penalty, graphed: bool, compile: bool | str) -> "_FixedStepGreedy":
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         batch, prompt_length = attention_mask.shape
         bucket = -(-prompt_length // cls.PROMPT_BUCKET) * cls.PROMPT_BUCKET
@@ -689,10 +695,12 @@ class _FixedStepGreedy:
         self.eager_steps += 1
 
 
-def _compiled_forward(model):
-    """``torch.compile`` of the model's forward for one-token steps, built once per model."""
-    compiled = getattr(model, "_instructblip_compiled_step", None)
-    if compiled is None:
-        compiled = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
-        model._instructblip_compiled_step = compiled
-    return compiled
+def _compiled_forward(model, compile: bool | str):
+    """``torch.compile`` of the model's forward for one-token steps (CUDA graphs), built once per model and mode."""
+    mode = "max-autotune" if compile == "max-autotune" else "reduce-overhead"
+    kept = getattr(model, "_instructblip_compiled_steps", None)
+    if kept is None:
+        kept = model._instructblip_compiled_steps = {}
+    if mode not in kept:
+        kept[mode] = torch.compile(model.forward, mode=mode, fullgraph=False)
+    return kept[mode]
