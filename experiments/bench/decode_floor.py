@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from instructblip.model import graphs
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, environment, released_config, small_config  # noqa: E402
 
@@ -91,14 +93,8 @@ def graphed(fn, device: str):
     """``fn`` captured as one CUDA graph (its replay), or ``fn`` itself off CUDA."""
     if not device.startswith("cuda"):
         return fn
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # warm-up on a side stream, as a capture asks: cuBLAS picks its kernels and workspace
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graphs.warm_up(fn)  # cuBLAS (or Triton's autotuner) picks its kernels outside the capture
+    graph, _ = graphs.record(fn)
     return graph.replay
 
 

@@ -90,6 +90,8 @@ if [[ " $JOBS " == *" llama_compiled "* ]]; then
 fi
 
 # Limits from the H200 sessions (the logs' times): each job's own run plus a margin.
+# the model's GPU tests (tests/model): run by pytest_gpu and, alone, by pytest_gpu_model
+MODEL_GPU_TESTS="tests/model/test_model_presets.py tests/model/test_speed_levers.py"
 # The test suite's GPU tests: bf16 frozen towers, dtype policy, the CUDA-graph training step against eager steps
 # (alone, and as instructblip-train's stage.module.step_mode=cuda_graph), image features; then (tests/model and
 # tests/train each have a conftest module) the graphed greedy decode step; last the FSDP2 step, in a process of its
@@ -98,14 +100,13 @@ pytest_gpu() {
     local pytest="'$PY' -m pytest -m gpu -q -p no:cacheprovider"
     job 120 pytest-gpu bash -c "$pytest -k 'not fsdp' tests/train/test_parallel.py tests/train/test_cuda_graph.py \
         tests/train/test_step_modes.py tests/data/test_image_features.py; \
-        $pytest tests/model/test_model_presets.py tests/model/test_speed_levers.py; \
+        $pytest $MODEL_GPU_TESTS; \
         $pytest -k fsdp tests/train/test_parallel.py"
 }
 # The model's GPU tests alone (graphed decoding: the step, the prefill, the image encoding), for a session that
 # changed only those paths.
 pytest_gpu_model() {
-    job 60 pytest-gpu-model "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/model/test_model_presets.py \
-        tests/model/test_speed_levers.py
+    job 60 pytest-gpu-model "$PY" -m pytest -m gpu -q -p no:cacheprovider $MODEL_GPU_TESTS
 }
 # The FSDP probe: FSDP2 steps of the tiny model without Lightning, in variants, each in a process of its own
 # (experiments/fsdp_probe.py; among them a check that names a parameter whose storage was freed before backward).
