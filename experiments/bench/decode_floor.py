@@ -10,9 +10,9 @@ so that no launch overhead counts, in two layouts:
 - ``fused``: q/k/v as one product and gate/up as one (four per layer), as a decode path with concatenated weights
   would.
 
-``--triton``: each layout also with its products through ``triton_gemv.gemv`` (a Triton kernel, autotuned per
-shape) instead of cuBLAS. ``--inductor``: the whole chain compiled by ``torch.compile(mode="max-autotune-no-
-cudagraphs")``, whose autotuning weighs its own Triton matrix kernels against cuBLAS per shape (what the graphed
+``--triton``: each layout also with its products through ``instructblip.model.gemv`` (a Triton kernel, autotuned
+per shape, what ``decoding.kernels=triton`` runs) instead of cuBLAS. ``--inductor``: the whole chain compiled by
+``torch.compile(mode="max-autotune-no-cudagraphs")``, whose autotuning weighs its own Triton matrix kernels against cuBLAS per shape (what the graphed
 decode step's compiled forward would get from that mode). Each is first checked against cuBLAS's chain.
 
 Beside them, a device-to-device copy gives the bandwidth the card reaches at all. From each layout's step time it
@@ -115,7 +115,7 @@ def main() -> None:
     # each implementation: a function of (x, layer weights, head, fused) giving the step's output
     implementations = {"cublas": decode_products}
     if args.triton:
-        from triton_gemv import best_configs, gemv
+        from instructblip.model.gemv import best_configs, gemv
 
         implementations["triton"] = functools.partial(decode_products, linear=gemv)
     if args.inductor:

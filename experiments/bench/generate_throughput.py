@@ -18,6 +18,9 @@ CUDA graph and replayed per token (``decoding_options`` cache="static", step="gr
 ``ours_static_graphed``), and the same over a ``torch.compile``d forward (``ours_static_compiled_graphed``).
 ``--autotune`` (GPU, greedy, decoder-only): the graphed step over a forward compiled in max-autotune's mode (side
 ``ours_static_autotuned_graphed``; inductor weighs its own Triton matrix kernels against cuBLAS per shape).
+``--triton`` (GPU, greedy, decoder-only): the graphed step over the compiled forward with the LLM's linear layers
+through Triton's matrix-vector kernel for the one-token steps (``decoding_options`` kernels="triton"; side
+``ours_static_compiled_graphed_triton``).
 ``--fixed`` (any device): that step without the graph (step="fixed"; side ``ours_static_fixed``).
 ``--profile`` (GPU): one call of each side under torch's profiler: its kernels' time against its wall time, the
 kernel launches, the host-device synchronisations and the costliest kernels (where a call's time goes: the image
@@ -121,6 +124,8 @@ def main() -> None:
     parser.add_argument("--fixed", action="store_true", help="greedy: also time ours' fixed-shape decode step")
     parser.add_argument("--autotune", action="store_true",
                         help="greedy, CUDA: also time the graphed step over a forward compiled with max-autotune")
+    parser.add_argument("--triton", action="store_true",
+                        help="greedy, CUDA: also the graphed, compiled step with Triton's gemv for the decode steps")
     parser.add_argument("--profile", action="store_true",
                         help="GPU: profile one call of each side (kernel time against wall time, launches, syncs)")
     parser.add_argument("--phases", action="store_true",
@@ -173,6 +178,9 @@ def main() -> None:
             if mode == "greedy" and args.autotune:
                 sides["ours_static_autotuned_graphed"] = lambda: ours(
                     {"cache": "static", "step": "graphed", "compile": "max-autotune"})
+            if mode == "greedy" and args.triton:
+                sides["ours_static_compiled_graphed_triton"] = lambda: ours(
+                    {"cache": "static", "step": "graphed", "compile": True, "kernels": "triton"})
             reference = theirs().cpu()
             row = dict(batch=batch_size, mode=mode, beams=beams, ours_path=ours_path(pair, settings), sides={})
             print(f"batch {batch_size} {mode}:", file=sys.stderr, flush=True)
@@ -215,6 +223,8 @@ def main() -> None:
                 ("ours_static_compiled_graphed", "transformers_static_compiled",
                  "ours_compiled_graphed_vs_transformers_static"),
                 ("ours_static_autotuned_graphed", "transformers", "ours_autotuned_graphed_vs_transformers"),
+                ("ours_static_compiled_graphed_triton", "transformers", "ours_triton_graphed_vs_transformers"),
+                ("ours_static_compiled_graphed_triton", "ours_static_compiled_graphed", "triton_vs_cublas_graphed"),
             ):
                 if mine in speed and theirs_name in speed:
                     row[key] = speed[mine] / speed[theirs_name]

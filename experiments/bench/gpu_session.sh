@@ -60,7 +60,7 @@ bench() { echo "$PY" "experiments/bench/$1"; }
 
 # Each job below is a function; JOBS names those to run, in order (default: all, unmet targets first), e.g.
 #   JOBS="greedy_graphed t5_compiled pytest_gpu" bash experiments/bench/gpu_session.sh
-ALL_JOBS="greedy_graphed decode_floor decode_floor_inductor greedy_autotuned pytest_gpu pytest_gpu_model llama_b32 t5_b32 t5_compiled llama_compiled static_generation llama_eager fsdp_probe"
+ALL_JOBS="greedy_graphed decode_floor greedy_triton decode_floor_inductor greedy_autotuned pytest_gpu pytest_gpu_model llama_b32 t5_b32 t5_compiled llama_compiled static_generation llama_eager fsdp_probe"
 JOBS=${JOBS:-$ALL_JOBS}
 for name in $JOBS; do  # a misspelt job stops the session before it spends device time
     if [[ " $ALL_JOBS " != *" $name "* ]]; then
@@ -91,7 +91,7 @@ fi
 
 # Limits from the H200 sessions (the logs' times): each job's own run plus a margin.
 # the model's GPU tests (tests/model): run by pytest_gpu and, alone, by pytest_gpu_model
-MODEL_GPU_TESTS="tests/model/test_model_presets.py tests/model/test_speed_levers.py"
+MODEL_GPU_TESTS="tests/model/test_model_presets.py tests/model/test_speed_levers.py tests/model/test_gemv.py"
 # The test suite's GPU tests: bf16 frozen towers, dtype policy, the CUDA-graph training step against eager steps
 # (alone, and as instructblip-train's stage.module.step_mode=cuda_graph), image features; then (tests/model and
 # tests/train each have a conftest module) the graphed greedy decode step; last the FSDP2 step, in a process of its
@@ -125,12 +125,32 @@ greedy_graphed() {
 # The decode step's matrix products alone (Vicuna-7B, batch 1 and 16), replayed as one CUDA graph, q/k/v and
 # gate/up as separate products and fused, against the card's copy bandwidth: the floor a decode step can reach with
 # cuBLAS (H200, session 22: 71% of the copy bandwidth, 80% fused), what fusing the projections gains, and on a GPU
-# the same through a Triton kernel autotuned per shape (triton_gemv.py; the cuBLAS half took 13 s).
+# the same through a Triton kernel autotuned per shape (instructblip.model.gemv; the cuBLAS half took 13 s).
 decode_floor() {
     local triton=""
     [[ $DEVICE == cuda* ]] && triton=--triton
     job 120 decode_floor-$SIZE-$DEVICE "$PY" experiments/bench/decode_floor.py --size $SIZE --device $DEVICE \
         --batch-sizes 1,16 $triton
+}
+# Greedy, batch 1 and 16, the graphed step over the compiled forward with the LLM's linear layers through Triton's
+# matrix-vector kernel for the one-token steps (decoding.kernels=triton), beside the same step with cuBLAS's and
+# transformers. Skipped when decode_floor ran in this session and found the kernel slower than cuBLAS at both batch
+# sizes (separate layout: the model runs q/k/v and gate/up as products of their own). Not yet run.
+greedy_triton() {
+    local floor="$DEST/decode_floor-$SIZE-$DEVICE-$STAMP.json"
+    if [[ -s $floor ]] && ! "$PY" - "$floor" <<'EOF'
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+ms = {(r["layout"], r.get("products"), r["batch"]): r["step_ms"] for r in rows}
+faster = [t < ms.get((l, "cublas", b), 0) for (l, p, b), t in ms.items() if p == "triton" and l == "separate"]
+sys.exit(0 if any(faster) else 1)
+EOF
+    then
+        echo "== greedy_triton SKIPPED: decode_floor found Triton's gemv no faster than cuBLAS (or ran without it)" | tee -a "$LOG"
+        return
+    fi
+    job 300 generate_throughput-$SIZE-llama-$DEVICE-triton $(bench generate_throughput.py) --size $SIZE --llm llama \
+        --device $DEVICE --batch-sizes 1,16 --modes greedy --graphed --triton --warmup 1 --repeats 3 --phases
 }
 # The same products at batch 1 compiled with max-autotune (inductor's own Triton matrix kernels weighed against
 # cuBLAS per shape): whether the graphed step's compiled forward would gain from that mode. Not yet run: the compile

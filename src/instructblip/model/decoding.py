@@ -31,6 +31,9 @@ is replayed as a graph of its own (``graphs.GraphedCall``), and ``InstructBlip.g
 encoding as one too. With ``compile`` the captured step's forward is ``torch.compile``'s (default mode, or
 max-autotune, without graphs of its own). The buffers, the static cache and the graphs are kept on the model for the
 next call of the same batch size, prompt length and settings.
+``kernels="triton"`` (CUDA, decoder-only) runs the LLM's bias-free linear layers through a Triton matrix-vector
+kernel for inputs of at most 16 rows (``instructblip.model.gemv``): the one-token decode steps at batch 1-16, where
+cuBLAS's kernels leave part of the memory bandwidth unused; the prefill keeps cuBLAS.
 ``step="fixed"`` runs that same step eagerly, on any device (what the tests compare with ``generate``).
 """
 
@@ -106,6 +109,7 @@ def greedy(
     cache: str = "dynamic",
     compile: bool | str = False,
     step: str = "loop",
+    kernels: str = "torch",
     **ignored,
 ) -> torch.Tensor:
     """New token ids (B, n <= max_new_tokens) after the prompt ``inputs_embeds`` (left-padded, ``attention_mask``).
@@ -115,11 +119,12 @@ def greedy(
     cache only; see the module docstring). ``ignored``: the generate() settings that do not change greedy decoding
     (``num_beams=1``, ``do_sample=False``, ``length_penalty``, ``num_return_sequences=1``).
     """
-    check_decoding_options({"cache": cache, "compile": compile, "step": step}, str(inputs_embeds.device),
-                           key="decoding_options")
+    check_decoding_options({"cache": cache, "compile": compile, "step": step, "kernels": kernels},
+                           str(inputs_embeds.device), key="decoding_options")
+    _route_linear_layers(model, kernels)
     if step != "loop":
         decoder = _FixedStepGreedy.for_call(model, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
-                                            min_new_tokens, repetition_penalty, step == "graphed", compile)
+                                            min_new_tokens, repetition_penalty, step == "graphed", compile, kernels)
         return decoder.run(inputs_embeds, attention_mask, prompt_ids)
     batch = attention_mask.shape[0]
     steps = _CausalSteps(model, attention_mask, max_new_tokens, cache, compile)
@@ -178,6 +183,7 @@ def beam_search(
     cache: str = "dynamic",
     compile: bool | str = False,
     step: str = "loop",
+    kernels: str = "torch",
     **ignored,
 ) -> torch.Tensor:
     """Beam search after the prompt ``inputs_embeds`` (left-padded, ``attention_mask``): the best hypothesis' new
@@ -189,6 +195,7 @@ def beam_search(
     ``ignored``: settings that do not change beam search here (``do_sample=False``, ``num_return_sequences=1``).
     ``step``: greedy decoding's option; beam search always runs its loop (its bookkeeping reads the host per step).
     """
+    _route_linear_layers(model, kernels)
     batch = attention_mask.shape[0]
     steps = _CausalSteps(model, attention_mask, max_new_tokens, cache, compile)
     state = _BeamState(
@@ -251,13 +258,14 @@ def beam_search_encoder_decoder(
     return state.best()
 
 
-# compile: false, true (torch.compile's default modes) or max-autotune (its mode that autotunes matrix kernels)
-DECODING_DEFAULTS = {"cache": "dynamic", "compile": False, "step": "loop"}
+# compile: false, true (torch.compile's default modes) or max-autotune (its mode that autotunes matrix kernels);
+# kernels: the linear layers' kernels for inputs of at most 16 rows, torch's (cuBLAS on a GPU) or Triton's gemv
+DECODING_DEFAULTS = {"cache": "dynamic", "compile": False, "step": "loop", "kernels": "torch"}
 
 
 def check_decoding_options(options: dict, device: str, key: str = "decoding") -> dict:
-    """``LanguageModel.decoding_options`` from a config (``{cache, compile, step}``), checked: each wrong value names
-    its key and the allowed values. Decoder-only LLMs use them; T5 decodes with its dynamic cache."""
+    """``LanguageModel.decoding_options`` from a config (``{cache, compile, step, kernels}``), checked: each wrong
+    value names its key and the allowed values. Decoder-only LLMs use them; T5 decodes with its dynamic cache."""
     options = {**DECODING_DEFAULTS, **dict(options or {})}
     unknown = sorted(set(options) - set(DECODING_DEFAULTS))
     if unknown:
@@ -273,7 +281,29 @@ def check_decoding_options(options: dict, device: str, key: str = "decoding") ->
     if options["step"] == "graphed" and not str(device).startswith("cuda"):
         raise ConfigError(f"{key}.step=graphed needs a CUDA device (device={device}); {key}.step=fixed runs the "
                           "same step anywhere")
+    if options["kernels"] not in ("torch", "triton"):
+        raise ConfigError(f"{key}.kernels={options['kernels']!r}; allowed: torch, triton")
+    if options["kernels"] == "triton":
+        try:
+            from instructblip.model import gemv
+        except ImportError as error:
+            raise ConfigError(f"{key}.kernels=triton needs Triton ({error}); it comes with torch's CUDA wheels on "
+                              "Linux") from error
+        if not (str(device).startswith("cuda") or gemv.INTERPRETED):
+            raise ConfigError(f"{key}.kernels=triton needs a CUDA device (device={device}), or TRITON_INTERPRET=1 "
+                              "to run the kernel through Triton's interpreter")
     return options
+
+
+def _route_linear_layers(model, kernels: str) -> None:
+    """``kernels``: the model's linear layers through Triton's gemv (``triton``) or back to ``F.linear``. Only a
+    model that has been routed imports the module (which needs Triton)."""
+    routed = kernels == "triton"
+    if routed != getattr(model, "_instructblip_gemv_routed", False):
+        from instructblip.model import gemv
+
+        gemv.route_linear_layers(model, routed)
+        model._instructblip_gemv_routed = routed
 
 
 def _forward_arguments(model) -> tuple[str, bool]:
@@ -599,12 +629,12 @@ class _FixedStepGreedy:
 
     @classmethod
     def for_call(cls, model, attention_mask, max_new_tokens, eos_token_id, pad_token_id, min_new_tokens,
-                 repetition_penalty, graphed: bool, compile: bool | str) -> "_FixedStepGreedy":
+                 repetition_penalty, graphed: bool, compile: bool | str, kernels: str) -> "_FixedStepGreedy":
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         batch, prompt_length = attention_mask.shape
         bucket = -(-prompt_length // cls.PROMPT_BUCKET) * cls.PROMPT_BUCKET
         key = (batch, bucket, max_new_tokens, tuple(eos), pad_token_id, min_new_tokens,
-               float(repetition_penalty), graphed, compile, attention_mask.device)
+               float(repetition_penalty), graphed, compile, kernels, attention_mask.device)
         kept = getattr(model, "_instructblip_fixed_step_greedy", None)
         if kept is None:
             kept = model._instructblip_fixed_step_greedy = {}
