@@ -199,8 +199,12 @@ def main() -> None:
                     tokens_per_s=batch_size * args.new_tokens / timing.primary(args.device), **timing.as_dict(),
                     **first_calls[name],
                 )
+            if "ours_static_compiled_graphed_triton" in sides:  # the kernel's choices per (rows, out, in)
+                from instructblip.model.gemv import best_configs
+
+                row["triton_configs"] = best_configs()
             if args.phases:
-                graphed_phases = cuda and args.graphed and mode == "greedy"
+                graphed_phases = cuda and (args.graphed or args.triton) and mode == "greedy"
                 phases = time_sides(prefill_phases(pair, ours_batch, cuda, graphed_phases), args.device, args.warmup,
                                     args.repeats)
                 row["phases_s"] = {name: timing.primary(args.device) for name, timing in phases.items()}

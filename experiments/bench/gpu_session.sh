@@ -106,7 +106,7 @@ pytest_gpu() {
 # The model's GPU tests alone (graphed decoding: the step, the prefill, the image encoding), for a session that
 # changed only those paths.
 pytest_gpu_model() {
-    job 60 pytest-gpu-model "$PY" -m pytest -m gpu -q -p no:cacheprovider $MODEL_GPU_TESTS
+    job 180 pytest-gpu-model "$PY" -m pytest -m gpu -q -p no:cacheprovider $MODEL_GPU_TESTS
 }
 # The FSDP probe: FSDP2 steps of the tiny model without Lightning, in variants, each in a process of its own
 # (experiments/fsdp_probe.py; among them a check that names a parameter whose storage was freed before backward).
@@ -150,7 +150,7 @@ EOF
         return
     fi
     job 300 generate_throughput-$SIZE-llama-$DEVICE-triton $(bench generate_throughput.py) --size $SIZE --llm llama \
-        --device $DEVICE --batch-sizes 1,16 --modes greedy --graphed --triton --warmup 1 --repeats 3 --phases
+        --device $DEVICE --batch-sizes 1,16 --modes greedy --triton --warmup 1 --repeats 3 --phases
 }
 # The same products at batch 1 compiled with max-autotune (inductor's own Triton matrix kernels weighed against
 # cuBLAS per shape): whether the graphed step's compiled forward would gain from that mode. Not yet run: the compile

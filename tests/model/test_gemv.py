@@ -59,33 +59,55 @@ INTERPRETED_CHECKS = textwrap.dedent("""
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
     calls = []
     kernel = gemv.gemv
-    gemv.gemv = lambda x, weight: calls.append(x.shape) or kernel(x, weight)
+    gemv.gemv = lambda x, weight: calls.append(tuple(x.shape)) or kernel(x, weight)
     with torch.no_grad():
         routed = model(input_ids=ids).logits.float()
         assert len(calls) == 15
         model(input_ids=torch.randint(3, 96, (2, 9)))  # 18 rows: torch's kernel
         assert len(calls) == 15
-    gemv.gemv = kernel
     torch.testing.assert_close(routed, plain, rtol=2e-2, atol=2e-2)
-    # a compiled forward traces through the custom op in one graph (inductor then calls it as an opaque kernel)
-    compiled = torch.compile(model.forward, backend="aot_eager", fullgraph=True, dynamic=False)
-    with torch.no_grad():
-        assert torch.equal(compiled(input_ids=ids).logits.float(), routed)
     assert gemv.route_linear_layers(model, False) == 15
     assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
 
-    # greedy decoding with the option: the fixed step's one-token forwards through the kernel, the prompt's not;
-    # the token ids stay those of torch's kernels (fp16 rounding apart, which this seed does not meet)
+    # greedy decoding with the option: the fixed step's one-token forwards through the kernel (15 products each);
+    # the token ids stay those of torch's kernels (fp16 rounding apart, which this seed does not meet); the layers
+    # are routed for the call only (the module may be shared with a caller that wants torch's kernels)
     embeds = torch.randn(2, 6, 64, dtype=torch.float16)
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, :2] = 0
-    settings = dict(max_new_tokens=5, eos_token_id=1, pad_token_id=0, cache="static", step="fixed")
+    settings = dict(max_new_tokens=5, min_new_tokens=5, eos_token_id=1, pad_token_id=0, cache="static",
+                    step="fixed")
     expected = decoding.greedy(model, embeds, mask, None, **settings)
+    calls.clear()
     got = decoding.greedy(model, embeds, mask, None, kernels="triton", **settings)
     assert got.tolist() == expected.tolist(), (got, expected)
-    assert any(type(m) is gemv.GemvLinear for m in model.modules())
+    # 4 steps of 15 products, and the prefill's LM head (its last position only; the prompt's 2 x 32 rows, padded to
+    # the bucket, go to torch)
+    assert len(calls) == 4 * 15 + 1 and set(calls) == {(2, 1, 64), (2, 1, 128)}
+    assert not any(type(m) is gemv.GemvLinear for m in model.modules())
+    calls.clear()
     assert decoding.greedy(model, embeds, mask, None, **settings).tolist() == expected.tolist()
-    assert not any(type(m) is gemv.GemvLinear for m in model.modules())  # routed back for torch's kernels
+    assert calls == []
+    gemv.gemv = kernel
+
+    # compiled, the routed forward traces through the custom op in one graph (inductor then calls it as an opaque
+    # kernel), and a step compiled before the routing is not served to the routed model: the routed step compiles
+    # a function of its own (torch.compile need not guard on modules' classes)
+    seen = []
+
+    def recording(graph, example_inputs):
+        seen.append(sum("gemv" in str(node.target) for node in graph.graph.nodes))
+        return graph.forward
+
+    with torch.no_grad():
+        torch.compile(model.forward, backend=recording, dynamic=False)(input_ids=ids)
+        gemv.route_linear_layers(model, True)
+        step = torch.compile(decoding._step_forward(model, "triton"), backend=recording, fullgraph=True,
+                             dynamic=False)
+        assert torch.equal(step(input_ids=ids).logits.float(), routed)
+    assert seen == [0, 15]
+    gemv.route_linear_layers(model, False)
+
     print("interpreted checks passed")
 """)
 
@@ -94,8 +116,8 @@ INTERPRETED_CHECKS = textwrap.dedent("""
 def test_gemv_and_its_routing_under_tritons_interpreter():
     """Through Triton's interpreter on the CPU (fp16): the kernel equals ``F.linear``; routing a LLaMA changes
     every bias-free linear layer and nothing in its state, sends one-token forwards to the kernel and longer ones
-    to torch, gives torch's logits, compiles without a graph break; greedy decoding with ``kernels="triton"`` gives
-    torch's ids and routes back."""
+    to torch, gives torch's logits; greedy decoding with ``kernels="triton"`` gives torch's ids and routes only
+    during the call; a compiled step traces through the op and does not reuse code compiled before the routing."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", INTERPRETED_CHECKS], env=env, capture_output=True, text=True,
                             timeout=600)
@@ -108,7 +130,7 @@ def test_gemv_and_its_routing_under_tritons_interpreter():
 def test_graphed_greedy_through_gemv_gives_the_loops_ids_in_bf16():
     """The tiny LLaMA's LLM in bf16 on a GPU: greedy decoding with ``kernels="triton"``, the loop's and the graphed
     step's (autotuned kernels launched inside the captured graph), give the same ids, for two batch sizes; the
-    autotuner has chosen a configuration per shape; one decode forward's logits match cuBLAS's."""
+    autotuner has chosen its configurations; the routed LM head's logits match cuBLAS's."""
     from instructblip.model import gemv
     from instructblip.model.instructblip import InstructBlip
     from instructblip.model.presets import get_preset
@@ -131,10 +153,11 @@ def test_graphed_greedy_through_gemv_gives_the_loops_ids_in_bf16():
             results[name] = llm.generate(visual, ids, mask, **settings).tolist()
         assert results["graphed"] == results["loop"]
     assert gemv.best_configs()
+    assert not any(type(m) is gemv.GemvLinear for m in llm.hf_model.modules())  # routed for the calls only
     hidden = torch.randn(4, 1, llm.hidden_size, device="cuda", dtype=torch.bfloat16)
     head = llm.hf_model.get_output_embeddings()
-    assert type(head) is gemv.GemvLinear
+    gemv.route_linear_layers(llm.hf_model, True)
     torch.testing.assert_close(head(hidden).float(), torch.nn.functional.linear(hidden, head.weight).float(),
                                rtol=2e-2, atol=2e-2)
-    llm.decoding_options = {}
     gemv.route_linear_layers(llm.hf_model, False)
+    llm.decoding_options = {}

@@ -39,6 +39,7 @@ cuBLAS's kernels leave part of the memory bandwidth unused; the prefill keeps cu
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -94,7 +95,28 @@ def handles_beam_search(model, settings: dict) -> bool:
     return all(getattr(config, name, None) in inactive for name, inactive in _BEAM_INACTIVE.items())
 
 
+def _routes_linear_layers(decode):
+    """``decode`` (greedy or beam search) run with the model's linear layers through Triton's gemv when its
+    ``kernels`` option says ``triton``, for that call only: the LLM module may be shared (the benchmarks run
+    transformers' generate on the same module). Only such a call imports the module that needs Triton."""
+
+    @functools.wraps(decode)
+    def routed(model, *args, kernels: str = "torch", **kwargs):
+        if kernels != "triton":
+            return decode(model, *args, kernels=kernels, **kwargs)
+        from instructblip.model import gemv
+
+        gemv.route_linear_layers(model, True)
+        try:
+            return decode(model, *args, kernels=kernels, **kwargs)
+        finally:
+            gemv.route_linear_layers(model, False)
+
+    return routed
+
+
 @torch.no_grad()
+@_routes_linear_layers
 def greedy(
     model,
     inputs_embeds: torch.Tensor,
@@ -121,13 +143,12 @@ def greedy(
     """
     check_decoding_options({"cache": cache, "compile": compile, "step": step, "kernels": kernels},
                            str(inputs_embeds.device), key="decoding_options")
-    _route_linear_layers(model, kernels)
     if step != "loop":
         decoder = _FixedStepGreedy.for_call(model, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
                                             min_new_tokens, repetition_penalty, step == "graphed", compile, kernels)
         return decoder.run(inputs_embeds, attention_mask, prompt_ids)
     batch = attention_mask.shape[0]
-    steps = _CausalSteps(model, attention_mask, max_new_tokens, cache, compile)
+    steps = _CausalSteps(model, attention_mask, max_new_tokens, cache, compile, kernels)
     chooser = _GreedyChooser(
         prompt_ids if prompt_ids is not None else attention_mask.new_zeros(batch, 0),
         eos_token_id, pad_token_id, min_new_tokens, repetition_penalty,
@@ -167,6 +188,7 @@ def greedy_encoder_decoder(
 
 
 @torch.no_grad()
+@_routes_linear_layers
 def beam_search(
     model,
     inputs_embeds: torch.Tensor,
@@ -195,9 +217,8 @@ def beam_search(
     ``ignored``: settings that do not change beam search here (``do_sample=False``, ``num_return_sequences=1``).
     ``step``: greedy decoding's option; beam search always runs its loop (its bookkeeping reads the host per step).
     """
-    _route_linear_layers(model, kernels)
     batch = attention_mask.shape[0]
-    steps = _CausalSteps(model, attention_mask, max_new_tokens, cache, compile)
+    steps = _CausalSteps(model, attention_mask, max_new_tokens, cache, compile, kernels)
     state = _BeamState(
         prompt_ids if prompt_ids is not None else attention_mask.new_zeros(batch, 0), num_beams, max_new_tokens,
         eos_token_id, pad_token_id, min_new_tokens, repetition_penalty, length_penalty,
@@ -295,15 +316,18 @@ def check_decoding_options(options: dict, device: str, key: str = "decoding") ->
     return options
 
 
-def _route_linear_layers(model, kernels: str) -> None:
-    """``kernels``: the model's linear layers through Triton's gemv (``triton``) or back to ``F.linear``. Only a
-    model that has been routed imports the module (which needs Triton)."""
-    routed = kernels == "triton"
-    if routed != getattr(model, "_instructblip_gemv_routed", False):
-        from instructblip.model import gemv
+def _step_forward(model, kernels: str):
+    """The function a compiled decode step compiles. Routed through Triton's gemv it is a function of its own:
+    torch.compile keeps compiled code per function and by default does not guard on modules' classes, so code
+    compiled for the model's forward with torch's linear layers would be reused after the routing (as a GPU run
+    found: the same speed, no compile)."""
+    if kernels != "triton":
+        return model.forward
 
-        gemv.route_linear_layers(model, routed)
-        model._instructblip_gemv_routed = routed
+    def forward_through_gemv(**inputs):
+        return model(**inputs)
+
+    return forward_through_gemv
 
 
 def _forward_arguments(model) -> tuple[str, bool]:
@@ -356,11 +380,12 @@ class _CausalSteps:
     where the model takes one, the cache position.
     """
 
-    def __init__(self, model, attention_mask: torch.Tensor, max_new_tokens: int, cache: str, compile: bool | str):
+    def __init__(self, model, attention_mask: torch.Tensor, max_new_tokens: int, cache: str, compile: bool | str,
+                 kernels: str = "torch"):
         from transformers import DynamicCache, StaticCache
 
         self.cache_arg, self.takes_cache_position = _forward_arguments(model)
-        self.model, self.step_model = model, _compiled_forward(model, compile) if compile else model
+        self.model, self.step_model = model, _compiled_forward(model, compile, kernels) if compile else model
         batch, self.prompt_length = attention_mask.shape
         self.static = cache == "static"
         mask = attention_mask.long()
@@ -600,14 +625,16 @@ class _FixedStepGreedy:
     KEPT = 4
 
     def __init__(self, model, key: tuple, batch: int, prompt_length: int, max_new_tokens: int, device,
-                 eos: list[int], pad: int, min_new_tokens: int, penalty: float, graphed: bool, compile: bool | str):
+                 eos: list[int], pad: int, min_new_tokens: int, penalty: float, graphed: bool, compile: bool | str,
+                 kernels: str):
         from transformers import StaticCache
 
         self.cache_arg, self.takes_cache_position = _forward_arguments(model)
         self.model, self.key = model, key
         # compiled without graphs of its own: the whole step is captured as one (graphed) or runs eagerly (fixed)
         mode = "max-autotune-no-cudagraphs" if compile == "max-autotune" else None
-        self.forward = torch.compile(model.forward, dynamic=False, mode=mode) if compile else model.forward
+        forward = _step_forward(model, kernels)
+        self.forward = torch.compile(forward, dynamic=False, mode=mode) if compile else forward
         self.prompt_length, self.max_new_tokens = prompt_length, max_new_tokens
         self.pad, self.min_new_tokens, self.penalty, self.graphed = pad, min_new_tokens, penalty, graphed
         vocab = model.get_output_embeddings().weight.shape[0]
@@ -643,7 +670,7 @@ class _FixedStepGreedy:
             while len(kept) >= cls.KEPT:  # the oldest buffers and graph go before new ones are allocated
                 kept.pop(next(iter(kept)))
             decoder = cls(model, key, batch, bucket, max_new_tokens, attention_mask.device, eos, pad_token_id,
-                          min_new_tokens, float(repetition_penalty), graphed, compile)
+                          min_new_tokens, float(repetition_penalty), graphed, compile, kernels)
         kept[key] = decoder  # the most recently used last
         return decoder
 
@@ -725,12 +752,13 @@ class _FixedStepGreedy:
         self.eager_steps += 1
 
 
-def _compiled_forward(model, compile: bool | str):
-    """``torch.compile`` of the model's forward for one-token steps (CUDA graphs), built once per model and mode."""
+def _compiled_forward(model, compile: bool | str, kernels: str):
+    """``torch.compile`` of the model's forward for one-token steps (CUDA graphs), built once per model, mode and
+    kernels."""
     mode = "max-autotune" if compile == "max-autotune" else "reduce-overhead"
     kept = getattr(model, "_instructblip_compiled_steps", None)
     if kept is None:
         kept = model._instructblip_compiled_steps = {}
-    if mode not in kept:
-        kept[mode] = torch.compile(model.forward, mode=mode, fullgraph=False)
-    return kept[mode]
+    if (mode, kernels) not in kept:
+        kept[mode, kernels] = torch.compile(_step_forward(model, kernels), mode=mode, fullgraph=False)
+    return kept[mode, kernels]
