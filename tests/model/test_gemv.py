@@ -1,8 +1,8 @@
 """``decoding.kernels=triton``: the Triton matrix-vector kernel (``instructblip.model.gemv``) and its routing.
 
-Triton is not installed by ``make install`` (its wheel is about a gigabyte; torch's CUDA wheels bring it on a GPU
-machine), so the kernel's tests run where it is importable: on the CPU through Triton's interpreter, in a process of
-their own (``TRITON_INTERPRET`` must be set before Triton compiles anything), and on a GPU.
+Triton comes with torch's Linux wheels (``make install`` brings it); where it is importable the kernel is tested on
+the CPU through Triton's interpreter, in a process of its own (``TRITON_INTERPRET`` must be set before Triton
+compiles anything), and on a GPU.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ INTERPRETED_CHECKS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (it comes with torch's CUDA wheels)")
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (torch's Linux wheels bring it)")
 def test_gemv_and_its_routing_under_tritons_interpreter():
     """Through Triton's interpreter on the CPU (fp16): the kernel equals ``F.linear``; routing a LLaMA changes
     every bias-free linear layer and nothing in its state, sends one-token forwards to the kernel and longer ones

@@ -308,8 +308,8 @@ def check_decoding_options(options: dict, device: str, key: str = "decoding") ->
         try:
             from instructblip.model import gemv
         except ImportError as error:
-            raise ConfigError(f"{key}.kernels=triton needs Triton ({error}); it comes with torch's CUDA wheels on "
-                              "Linux") from error
+            message = f"{key}.kernels=triton needs Triton ({error}), which torch's Linux wheels bring"
+            raise ConfigError(message) from error
         if not (str(device).startswith("cuda") or gemv.INTERPRETED):
             raise ConfigError(f"{key}.kernels=triton needs a CUDA device (device={device}), or TRITON_INTERPRET=1 "
                               "to run the kernel through Triton's interpreter")

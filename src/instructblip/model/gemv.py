@@ -11,7 +11,7 @@ most ``MAX_ROWS`` rows in bf16/fp16 on CUDA to the kernel, every other input to 
 training run as before, and only one-token decode steps change. The kernel is a ``torch.library`` custom op, so a
 ``torch.compile``d forward calls it as one opaque kernel and a CUDA graph captures its launch.
 
-Importing this module needs Triton (shipped with torch's CUDA wheels on Linux). With ``TRITON_INTERPRET=1`` set
+Importing this module needs Triton (torch's Linux wheels bring it). With ``TRITON_INTERPRET=1`` set
 before the import, the kernel runs on the CPU through Triton's interpreter with one fixed configuration (fp16 only:
 the interpreter mishandles bf16), which is how the tests check it without a GPU.
 """
