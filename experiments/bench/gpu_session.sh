@@ -103,8 +103,8 @@ pytest_gpu() {
         $pytest $MODEL_GPU_TESTS; \
         $pytest -k fsdp tests/train/test_parallel.py"
 }
-# The model's GPU tests alone (graphed decoding: the step, the prefill, the image encoding), for a session that
-# changed only those paths.
+# The model's GPU tests alone (graphed decoding: the step, the prefill, the image encoding; Triton's gemv), for a
+# session that changed only those paths (H200, session 23: 54 s, 34 of them the gemv test's autotuning).
 pytest_gpu_model() {
     job 180 pytest-gpu-model "$PY" -m pytest -m gpu -q -p no:cacheprovider $MODEL_GPU_TESTS
 }
@@ -125,7 +125,8 @@ greedy_graphed() {
 # The decode step's matrix products alone (Vicuna-7B, batch 1 and 16), replayed as one CUDA graph, q/k/v and
 # gate/up as separate products and fused, against the card's copy bandwidth: the floor a decode step can reach with
 # cuBLAS (H200, session 22: 71% of the copy bandwidth, 80% fused), what fusing the projections gains, and on a GPU
-# the same through a Triton kernel autotuned per shape (instructblip.model.gemv; the cuBLAS half took 13 s).
+# the same through a Triton kernel autotuned per shape (instructblip.model.gemv; H200, session 23: 80%, 88% fused;
+# the whole job took 41 s).
 decode_floor() {
     local triton=""
     [[ $DEVICE == cuda* ]] && triton=--triton
@@ -133,9 +134,10 @@ decode_floor() {
         --batch-sizes 1,16 $triton
 }
 # Greedy, batch 1 and 16, the graphed step over the compiled forward with the LLM's linear layers through Triton's
-# matrix-vector kernel for the one-token steps (decoding.kernels=triton), beside the same step with cuBLAS's and
-# transformers. Skipped when decode_floor ran in this session and found the kernel slower than cuBLAS at both batch
-# sizes (separate layout: the model runs q/k/v and gate/up as products of their own). Not yet run.
+# matrix-vector kernel for the one-token steps (decoding.kernels=triton), beside transformers' generate (the same step
+# with cuBLAS's kernels is greedy_graphed's ours_static_compiled_graphed). Skipped when decode_floor ran in this
+# session and found the kernel slower than cuBLAS at both batch sizes (separate layout: the model runs q/k/v and
+# gate/up as products of their own). H200, session 23: 205.1 / 2495 tokens/s at batch 1 / 16; the job took 144 s.
 greedy_triton() {
     local floor="$DEST/decode_floor-$SIZE-$DEVICE-$STAMP.json"
     if [[ -s $floor ]] && ! "$PY" - "$floor" <<'EOF'
@@ -146,15 +148,17 @@ faster = [t < ms.get((l, "cublas", b), 0) for (l, p, b), t in ms.items() if p ==
 sys.exit(0 if any(faster) else 1)
 EOF
     then
-        echo "== greedy_triton SKIPPED: decode_floor found Triton's gemv no faster than cuBLAS (or ran without it)" | tee -a "$LOG"
+        echo "== greedy_triton SKIPPED: decode_floor found Triton's gemv no faster than cuBLAS (or ran without it)" \
+            | tee -a "$LOG"
         return
     fi
     job 300 generate_throughput-$SIZE-llama-$DEVICE-triton $(bench generate_throughput.py) --size $SIZE --llm llama \
         --device $DEVICE --batch-sizes 1,16 --modes greedy --triton --warmup 1 --repeats 3 --phases
 }
 # The same products at batch 1 compiled with max-autotune (inductor's own Triton matrix kernels weighed against
-# cuBLAS per shape): whether the graphed step's compiled forward would gain from that mode. Not yet run: the compile
-# with autotuning is expected to take a minute or two.
+# cuBLAS per shape): whether the graphed step's compiled forward would gain from that mode. Not yet measured (session
+# 23 stopped at the agreement check's float32 overflow, since mended): the compile with autotuning is expected to take
+# a minute or two.
 decode_floor_inductor() {
     job 200 decode_floor_inductor-$SIZE-$DEVICE "$PY" experiments/bench/decode_floor.py --size $SIZE \
         --device $DEVICE --batch-sizes 1 --layouts separate --inductor

@@ -138,7 +138,7 @@ def greedy(
 
     ``model``: a transformers causal LM. ``prompt_ids``: the prompt's token ids for the repetition penalty (None:
     the penalty sees only generated tokens). ``step``: ``loop`` (a Python step), ``fixed`` or ``graphed`` (static
-    cache only; see the module docstring). ``ignored``: the generate() settings that do not change greedy decoding
+    cache only; see the module docstring); ``kernels``: ``torch`` or ``triton`` (the module docstring). ``ignored``: the generate() settings that do not change greedy decoding
     (``num_beams=1``, ``do_sample=False``, ``length_penalty``, ``num_return_sequences=1``).
     """
     check_decoding_options({"cache": cache, "compile": compile, "step": step, "kernels": kernels},
