@@ -29,6 +29,17 @@ def test_kernels_option_is_checked_with_its_allowed_values():
     # on a CPU: refused, naming what is missing (Triton itself, or a CUDA device)
     with pytest.raises(ConfigError, match=r"decoding.kernels=triton needs (Triton|a CUDA device)"):
         decoding.check_decoding_options({"kernels": "triton"}, "cpu")
+    # the decoding loops refuse it alike, before routing anything (beam search has no check of its own)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    embeds, mask = torch.randn(1, 3, 64), torch.ones(1, 3, dtype=torch.long)
+    settings = dict(max_new_tokens=2, eos_token_id=1, pad_token_id=0, kernels="triton")
+    for decode, extra in ((decoding.greedy, {}), (decoding.beam_search, {"num_beams": 2})):
+        with pytest.raises(ConfigError, match=r"decoding_options.kernels=triton needs (Triton|a CUDA device)"):
+            decode(model, embeds, mask, None, **settings, **extra)
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 INTERPRETED_CHECKS = textwrap.dedent("""

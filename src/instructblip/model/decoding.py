@@ -98,12 +98,14 @@ def handles_beam_search(model, settings: dict) -> bool:
 def _routes_linear_layers(decode):
     """``decode`` (greedy or beam search) run with the model's linear layers through Triton's gemv when its
     ``kernels`` option says ``triton``, for that call only: the LLM module may be shared (the benchmarks run
-    transformers' generate on the same module). Only such a call imports the module that needs Triton."""
+    transformers' generate on the same module). Only such a call imports the module that needs Triton, after the
+    option's check (a clear refusal without Triton or a CUDA device, for beam search as for greedy)."""
 
     @functools.wraps(decode)
     def routed(model, *args, kernels: str = "torch", **kwargs):
         if kernels != "triton":
             return decode(model, *args, kernels=kernels, **kwargs)
+        check_decoding_options({"kernels": kernels}, str(model.device), key="decoding_options")
         from instructblip.model import gemv
 
         gemv.route_linear_layers(model, True)
