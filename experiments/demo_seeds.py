@@ -11,8 +11,9 @@ and batch order, the new InstructBLIP parameters, the training mixture's order a
 
 For every model the reports hold (``results``/``summary`` keys: blip2, instructblip, no_instruction_aware,
 proportional) it tabulates each held-in and held-out task's score, the report's ``held_in_accuracy_average`` (the
-accuracy/VQA tasks) and ``held_out_average``, the held-out tasks above chance (``held_out_above_chance`` > 0) and
-each held-out task's margin over chance; then the paper's three comparisons as paired per-seed differences:
+accuracy/VQA tasks) and ``held_out_average``, the held-out tasks above chance (``held_out_above_chance`` > 0),
+those clearly above it (``held_out_margin_sd`` at least the report's ``CLEAR_MARGIN_SD``) and each held-out task's
+margin over chance; then the paper's three comparisons as paired per-seed differences:
 InstructBLIP - BLIP-2, instruction-aware - not (``instructblip`` - ``no_instruction_aware``), balanced -
 proportional sampling (``instructblip`` - ``proportional``). sd is the sample standard deviation over seeds.
 Prints a Markdown table and writes the numbers as JSON to ``--out``.
@@ -37,7 +38,8 @@ COMPARISONS = {  # name -> (model, baseline): the paper's comparisons as the dem
     "instruction_aware_vs_not": ("instructblip", "no_instruction_aware"),
     "balanced_vs_proportional": ("instructblip", "proportional"),
 }
-SUMMARIES = ("held_in_accuracy_average", "held_out_average", "held_out_tasks_above_chance")
+SUMMARIES = ("held_in_accuracy_average", "held_out_average", "held_out_tasks_above_chance",
+             "held_out_tasks_clearly_above_chance")
 
 
 def stats(values: list[float | None]) -> dict:
@@ -66,6 +68,7 @@ def model_numbers(report: dict, model: str) -> dict[str, float | None]:
     if results is None or summary is None:
         return {}
     from instructblip.shapesworld import tasks
+    from instructblip.shapesworld.report import CLEAR_MARGIN_SD
 
     flat = {f"held_in/{n}": results[n]["score"] for n in tasks.HELD_IN if n in results}
     flat.update({f"held_out/{n}": results[n]["score"] for n in tasks.HELD_OUT if n in results})
@@ -73,6 +76,9 @@ def model_numbers(report: dict, model: str) -> dict[str, float | None]:
     flat["held_in_accuracy_average"] = summary["held_in_accuracy_average"]
     flat["held_out_average"] = summary["held_out_average"]
     flat["held_out_tasks_above_chance"] = sum(v is not None and v > 0 for v in above.values())
+    margins = summary.get("held_out_margin_sd")   # None in reports written before session 24
+    flat["held_out_tasks_clearly_above_chance"] = None if margins is None else sum(
+        v is not None and v >= CLEAR_MARGIN_SD for v in margins.values())
     flat.update({f"above_chance/{n}": v for n, v in above.items()})
     return flat
 

@@ -43,8 +43,15 @@ def test_every_stage_writes_its_output_and_the_report(demo_dir):
             assert 0.0 <= result["score"] <= 100.0 and result["n"] == 4, (model, name)
     for name in tasks.HELD_OUT:
         assert report["chance"][name] is not None and 0 < report["chance"][name] <= 100
+        assert report["chance_sd"][name] > 0
+    for model in ("blip2", "instructblip"):   # every held-out task's margin, in points and in chance's sds
+        summary = report["summary"][model]
+        assert set(summary["held_out_margin_sd"]) == set(summary["held_out_above_chance"]) == set(tasks.HELD_OUT)
+        for name, points in summary["held_out_above_chance"].items():
+            assert summary["held_out_margin_sd"][name] == pytest.approx(points / report["chance_sd"][name])
     text = (demo_dir / "report.md").read_text()
     assert "Held-out datasets" in text and "BLIP-2 (stage 2, zero-shot)" in text and "CPU time (s)" in text
+    assert "clearly above (by 3 sd)" in text
     # question generation is scored against the question it should have generated, not the answer it was given
     qg = (demo_dir / "eval" / "instructblip" / "predictions" / "shapesworld_qg.jsonl").read_text().splitlines()
     assert qg and all(json.loads(line)["references"][0].endswith("?") for line in qg)
