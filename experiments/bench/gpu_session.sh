@@ -60,7 +60,7 @@ bench() { echo "$PY" "experiments/bench/$1"; }
 
 # Each job below is a function; JOBS names those to run, in order (default: all, unmet targets first), e.g.
 #   JOBS="greedy_graphed t5_compiled pytest_gpu" bash experiments/bench/gpu_session.sh
-ALL_JOBS="greedy_graphed decode_floor greedy_triton decode_floor_inductor greedy_autotuned pytest_gpu pytest_gpu_model llama_b32 t5_b32 t5_compiled llama_compiled static_generation llama_eager fsdp_probe"
+ALL_JOBS="greedy_graphed decode_floor greedy_triton decode_floor_inductor greedy_autotuned llama_b32_autotuned pytest_gpu pytest_gpu_model llama_b32 t5_b32 t5_compiled llama_compiled static_generation llama_eager fsdp_probe"
 JOBS=${JOBS:-$ALL_JOBS}
 for name in $JOBS; do  # a misspelt job stops the session before it spends device time
     if [[ " $ALL_JOBS " != *" $name "* ]]; then
@@ -199,6 +199,15 @@ llama_b32() {
     job 150 train_throughput-$SIZE-llama-$DEVICE-b32 $(bench train_throughput.py) --size $SIZE --llm llama \
         --device $DEVICE --batch-sizes 32 --sides ours_compiled_graphed,transformers --warmup 2 --repeats 5 \
         --peak-tflops "$PEAK"
+}
+# The same with the blocks compiled in max-autotune-no-cudagraphs mode (stage.module.compile_mode in training):
+# inductor's own Triton matrix kernels weighed against cuBLAS's per shape, with epilogues fused into them. Utilisation
+# at batch 32 stood at 0.684-0.6999 with torch's default mode (H200, sessions 15, 18, 20). Not yet run: the
+# autotuning adds minutes of compilation (each distinct product shape benchmarked once; the blocks share theirs).
+llama_b32_autotuned() {
+    job 400 train_throughput-$SIZE-llama-$DEVICE-b32-autotuned $(bench train_throughput.py) --size $SIZE --llm llama \
+        --device $DEVICE --batch-sizes 32 --sides ours_compiled_graphed,transformers --warmup 2 --repeats 5 \
+        --peak-tflops "$PEAK" --compile-mode max-autotune-no-cudagraphs
 }
 # Generation, Vicuna-7B, batch 1, greedy and 5-beam search: ours' lean loops and transformers' generate with dynamic
 # caches, and both with static caches and compiled (CUDA-graph) decode steps (beam: ours only). Each static side

@@ -15,6 +15,8 @@ ln_vision); vision and LLM frozen. Sides:
   with ``ours`` or ``ours_full_logits``. ``--compile-mode`` passes torch.compile's mode to every block; on the H200,
   ``reduce-overhead`` (each block replayed as a CUDA graph) failed in the first eval forward: the 39 ViT blocks share
   one compiled function, and a block's replay overwrote the output the next block still read.
+  ``max-autotune-no-cudagraphs`` (``stage.module.compile_mode`` in training) weighs inductor's own Triton matrix
+  kernels against cuBLAS's per shape while compiling.
 * ``ours_compiled_whole``: ours' training path under one ``torch.compile`` of the whole model, as
   ``transformers_compiled`` compiles theirs (what ``stage.module.compile_scope=whole`` does in training).
 * ``ours_graphed`` (CUDA): ours' whole step (forward, backward, fused AdamW with ``capturable=True``) captured once
@@ -254,8 +256,10 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, for MFU")
     parser.add_argument("--profile", action="store_true",
                         help="GPU: profile one step of each side (kernel time against wall time, launches, syncs)")
-    parser.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
-                        help="torch.compile's mode for ours_compiled's blocks (default: torch's default)")
+    parser.add_argument("--compile-mode", default=None,
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="torch.compile's mode for ours_compiled's blocks (default: torch's default); with "
+                             "ours_compiled_graphed, max-autotune-no-cudagraphs (the step's graph is the only one)")
     args = parser.parse_args()
     setup_device(args.device, args.threads)
     chosen = args.sides.split(",")

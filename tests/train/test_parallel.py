@@ -243,6 +243,43 @@ def test_an_unknown_compile_scope_names_the_key_and_the_choices(tiny_checkpoint,
         build(cfg)
 
 
+@pytest.mark.parametrize("scope", ["blocks", "whole"])
+def test_the_compile_mode_reaches_torch_compile(tiny_checkpoint, generated_data, tmp_path, monkeypatch, scope):
+    """stage.module.compile_mode goes to every torch.compile call the module makes (each block's, or the model's),
+    which still compiles (torch.compile is called through, with the cheap aot_eager backend)."""
+    from instructblip.train.parallelize import transformer_blocks
+    from instructblip.train.run import build
+
+    calls = []
+    real_compile = torch.compile
+
+    def recording_compile(*args, **kwargs):
+        calls.append(kwargs)
+        return real_compile(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data, steps=1),
+                   "stage.module.compile=aot_eager", f"stage.module.compile_scope={scope}",
+                   "stage.module.compile_mode=max-autotune-no-cudagraphs"], tmp_path)
+    module, datamodule, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 1 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert calls and all(c == {"backend": "aot_eager", "mode": "max-autotune-no-cudagraphs"} for c in calls), calls
+    assert len(calls) == (1 if scope == "whole" else len(transformer_blocks(module.model)))
+
+
+def test_a_compile_mode_with_cuda_graphs_is_refused(tiny_checkpoint, generated_data, tmp_path):
+    """reduce-overhead (each block its own CUDA graph) failed on an H200 and would nest in the step's own graph."""
+    from instructblip.errors import ConfigError
+    from instructblip.train.run import build
+
+    cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data, steps=1),
+                   "stage.module.compile_mode=reduce-overhead"], tmp_path)
+    with pytest.raises(ConfigError, match=r"stage.module.compile_mode='reduce-overhead' \(str\); expected null, "
+                                          r"default, max-autotune-no-cudagraphs"):
+        build(cfg)
+
+
 def test_sharded_checkpoint_consolidates_to_one_file(tmp_path):
     """A DCP checkpoint directory (what sharded FSDP saves, with Lightning's meta.pt beside it) -> one .ckpt."""
     import torch.distributed.checkpoint as dcp

@@ -40,7 +40,7 @@ from torch import nn
 
 from instructblip.errors import CheckpointError, ConfigError, InstructBlipError
 from instructblip.train.data import position_seed
-from instructblip.train.validate import COMPILE_SCOPES, LOSS_WEIGHTINGS, STEP_MODES
+from instructblip.train.validate import COMPILE_MODES, COMPILE_SCOPES, LOSS_WEIGHTINGS, STEP_MODES
 
 BOOKKEEPING_KEYS = ("dataset", "sample_index")
 
@@ -181,6 +181,7 @@ class InstructBlipModule(pl.LightningModule):
         parallelize: Callable | None = None,
         compile: bool | str = False,
         compile_scope: str = "blocks",
+        compile_mode: str | None = None,
         frozen_llm_dropout: bool = True,
         loss_weighting: str = "token",
         step_mode: str = "automatic",
@@ -216,6 +217,9 @@ class InstructBlipModule(pl.LightningModule):
         if compile_scope not in COMPILE_SCOPES:
             raise ConfigError(f"stage.module.compile_scope={compile_scope!r}; allowed: {', '.join(COMPILE_SCOPES)}")
         self.compile_scope = compile_scope
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"stage.module.compile_mode={compile_mode!r}; allowed: null, {', '.join(COMPILE_MODES)}")
+        self.compile_mode = compile_mode
         self.model: nn.Module | None = None
         self.processor = None
         self.trainable_names: list[str] = []
@@ -264,11 +268,11 @@ class InstructBlipModule(pl.LightningModule):
             if sharded:
                 raise ConfigError("stage.module.compile_scope=whole is not supported with trainer=fsdp; "
                                   "allowed there: stage.module.compile_scope=blocks")
-            self.model.compile(backend=self.compile_backend)
+            self.model.compile(backend=self.compile_backend, mode=self.compile_mode)
         elif self.compile_backend:
             from instructblip.train.parallelize import compile_blocks
 
-            compile_blocks(self.model, backend=self.compile_backend)
+            compile_blocks(self.model, backend=self.compile_backend, mode=self.compile_mode)
         if self.parallelize_fn is not None:
             self.parallelize_fn(self.model, self.trainer)
         self.train()  # from_pretrained hands the model over in eval mode; what trains needs its dropout

@@ -56,8 +56,13 @@ def check_overrides(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> None
                 raise ConfigError(f"{key}: no such config group; groups: {', '.join(sorted(groups))}")
 
 
-# the allowed values of two InstructBlipModule arguments, here so that the config check needs no Lightning import
+# the allowed values of some InstructBlipModule arguments, here so that the config check needs no Lightning import
 COMPILE_SCOPES = ("blocks", "whole")
+# torch.compile's modes that leave CUDA graphs out (null: its default): the step's own graph (step_mode=cuda_graph)
+# captures the compiled blocks, and "reduce-overhead" blocks replaying graphs of their own failed on an H200 (the ViT's
+# blocks share one compiled function, whose next replay overwrote the output the following block still read).
+# max-autotune-no-cudagraphs weighs inductor's own Triton matrix kernels against cuBLAS's per shape at compile time.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 LOSS_WEIGHTINGS = ("token", "sample")
 # automatic: Lightning's loop (forward, backward, clipping, optimizer step); cuda_graph: the whole step captured once
 # as a CUDA graph and replayed (instructblip.train.cuda_graph); manual: that same step run eagerly, on any device
@@ -88,6 +93,8 @@ CHECKS: list[Check] = [
     ("validation.every_n_steps", (int, type(None)), lambda v: v is None or v >= 1, "an integer >= 1 or null"),
     ("stage.name", str, lambda v: v in STAGES, "blip2_stage1, blip2_stage2, instruction_tuning, finetune"),
     ("stage.module.compile_scope", str, lambda v: v in COMPILE_SCOPES, ", ".join(COMPILE_SCOPES)),
+    ("stage.module.compile_mode", (str, type(None)), lambda v: v is None or v in COMPILE_MODES,
+     "null, " + ", ".join(COMPILE_MODES)),
     # stage 1 has no loss weighting (its losses are BLIP-2's three)
     ("stage.module.loss_weighting", (str, type(None)), lambda v: v is None or v in LOSS_WEIGHTINGS,
      ", ".join(LOSS_WEIGHTINGS)),
