@@ -86,10 +86,10 @@ def chance(shards: Path, name: str, limit: int) -> Chance:
         majority = top_count / n
         if info.method == "rank":
             options = [len(rec.choices or rec.candidates or []) or len(answers) for rec in records]
-            if sum(1 / k for k in options) / n >= majority:
+            uniform = sum(1 / k for k in options) / n
+            if uniform >= majority:
                 sd = math.sqrt(sum((1 / k) * (1 - 1 / k) for k in options)) / n
-                return Chance(100 * sum(1 / k for k in options) / n, "a random choice among the candidates",
-                              100 * sd)
+                return Chance(100 * uniform, "a random choice among the candidates", 100 * sd)
         return Chance(100 * majority, f"always answering the most frequent answer ({top!r})",
                       100 * math.sqrt(majority * (1 - majority) / n))
     return Chance(None, "no chance level for a text-similarity metric")
