@@ -280,6 +280,17 @@ def test_a_compile_mode_with_cuda_graphs_is_refused(tiny_checkpoint, generated_d
         build(cfg)
 
 
+def test_a_compile_mode_without_compile_is_refused(tiny_checkpoint, generated_data, tmp_path):
+    from instructblip.errors import ConfigError
+    from instructblip.train.run import build
+
+    cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data, steps=1),
+                   "stage.module.compile_mode=max-autotune-no-cudagraphs"], tmp_path)
+    with pytest.raises(ConfigError, match=r"compile_mode=max-autotune-no-cudagraphs applies to compiled code; set "
+                                          r"stage.module.compile=true"):
+        build(cfg)
+
+
 def test_sharded_checkpoint_consolidates_to_one_file(tmp_path):
     """A DCP checkpoint directory (what sharded FSDP saves, with Lightning's meta.pt beside it) -> one .ckpt."""
     import torch.distributed.checkpoint as dcp
