@@ -268,26 +268,21 @@ def test_the_compile_mode_reaches_torch_compile(tiny_checkpoint, generated_data,
     assert len(calls) == (1 if scope == "whole" else len(transformer_blocks(module.model)))
 
 
-def test_a_compile_mode_with_cuda_graphs_is_refused(tiny_checkpoint, generated_data, tmp_path):
-    """reduce-overhead (each block its own CUDA graph) failed on an H200 and would nest in the step's own graph."""
+@pytest.mark.parametrize("overrides, message", [
+    # each block its own CUDA graph: failed on an H200, and would nest inside the step's own graph
+    (["stage.module.compile=true", "stage.module.compile_mode=reduce-overhead"],
+     r"stage.module.compile_mode='reduce-overhead' \(str\); expected null, default, max-autotune-no-cudagraphs"),
+    # a mode with nothing compiled would be ignored
+    (["stage.module.compile_mode=max-autotune-no-cudagraphs"],
+     r"compile_mode=max-autotune-no-cudagraphs applies to compiled code; set stage.module.compile=true"),
+])
+def test_a_compile_mode_that_cannot_apply_is_refused(tiny_checkpoint, generated_data, tmp_path, overrides, message):
     from instructblip.errors import ConfigError
     from instructblip.train.run import build
 
-    cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data, steps=1),
-                   "stage.module.compile_mode=reduce-overhead"], tmp_path)
-    with pytest.raises(ConfigError, match=r"stage.module.compile_mode='reduce-overhead' \(str\); expected null, "
-                                          r"default, max-autotune-no-cudagraphs"):
-        build(cfg)
-
-
-def test_a_compile_mode_without_compile_is_refused(tiny_checkpoint, generated_data, tmp_path):
-    from instructblip.errors import ConfigError
-    from instructblip.train.run import build
-
-    cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data, steps=1),
-                   "stage.module.compile_mode=max-autotune-no-cudagraphs"], tmp_path)
-    with pytest.raises(ConfigError, match=r"compile_mode=max-autotune-no-cudagraphs applies to compiled code; set "
-                                          r"stage.module.compile=true"):
+    cfg = compose(["experiment=smoke", *tiny_overrides(tiny_checkpoint, generated_data, steps=1), *overrides],
+                  tmp_path)
+    with pytest.raises(ConfigError, match=message):
         build(cfg)
 
 
