@@ -77,19 +77,23 @@ def score(llm_dir: Path, samples: int) -> dict[str, float]:
                     hits[prefix + key][1] += 1
     scores = {key: round(100 * right / total, 1) for key, (right, total) in hits.items()}
     for name in RANKED:
-        scores["rank/" + name.removeprefix("shapesworld_")] = round(ranked(model, tokenizer, name, samples), 1)
+        for prefix, pooled in (("", False), ("pooled/", True)):
+            scores[prefix + "rank/" + name.removeprefix("shapesworld_")] = round(
+                ranked(model, tokenizer, name, samples, pooled), 1)
     return scores
 
 
-def ranked(model, tokenizer, name: str, samples: int) -> float:
+def ranked(model, tokenizer, name: str, samples: int, pooled: bool = False) -> float:
     """Accuracy (spatial) or AUC x100 (binary) of ranking the two candidates by their log-likelihood after the scene
     text, BOS and the evaluation prompt: the runner's ``rank`` method (``LanguageModel.candidate_log_likelihoods``)
-    with the true scene's embeddings in the queries' place."""
+    with the true scene's embeddings in the queries' place; ``pooled``: the scene one object per position, as
+    :func:`score`'s ``pooled/`` answers."""
     from sklearn.metrics import roc_auc_score
 
     from instructblip.data import templates
     from instructblip.model.language import LanguageModel
     from instructblip.shapesworld import tasks
+    from instructblip.shapesworld.language import pooled_context
 
     llm = LanguageModel({}, hf_model=model)
     table = model.get_input_embeddings().weight.detach()
@@ -102,7 +106,11 @@ def ranked(model, tokenizer, name: str, samples: int) -> float:
         candidate_ids = torch.tensor([c + [tokenizer.pad_token_id] * (width - len(c)) for c in candidates])
         candidate_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in candidates])
         prompt = torch.tensor([[tokenizer.bos_token_id] + token_ids(tokenizer, instruction)] * len(candidates))
-        scene = table[token_ids(tokenizer, context)].expand(len(candidates), -1, -1)
+        if pooled:
+            scene = torch.stack([table[list(group)].mean(0) for group in pooled_context(tokenizer, context)])
+        else:
+            scene = table[token_ids(tokenizer, context)]
+        scene = scene.expand(len(candidates), -1, -1)
         with torch.no_grad():
             loglik = llm.candidate_log_likelihoods(scene, prompt, torch.ones_like(prompt), candidate_ids,
                                                    candidate_mask).tolist()

@@ -221,11 +221,13 @@ def test_llm_ceiling_ranks_the_true_false_tasks_as_the_runner_does(demo_dir):
 
     class PrefersLabelOne(torch.nn.Module):   # the same logits after every prefix: label 1's verbaliser above all
         config = model.config
+        lengths: list[int] = []   # each call's row length: scene positions + prompt + candidate
 
         def get_input_embeddings(self):
             return model.get_input_embeddings()
 
         def forward(self, **inputs):
+            self.lengths.append(inputs["inputs_embeds"].shape[1])
             out = model(**inputs)
             out.logits = torch.zeros_like(out.logits)
             out.logits[..., sorted(positive)] = 5.0
@@ -234,6 +236,17 @@ def test_llm_ceiling_ranks_the_true_false_tasks_as_the_runner_does(demo_dir):
     true_share = 100 * sum(tasks.build("shapesworld_spatial", "test", i, 0)[0].label for i in range(samples)) / samples
     assert shapesworld_llm.ranked(PrefersLabelOne(), tokenizer, "shapesworld_spatial", samples) == true_share
     assert shapesworld_llm.ranked(PrefersLabelOne(), tokenizer, "shapesworld_binary", samples) == 50.0
+    # pooled: the same rows with the scene one position per object (sentence) instead of one per token
+    PrefersLabelOne.lengths = []
+    pooled_share = shapesworld_llm.ranked(PrefersLabelOne(), tokenizer, "shapesworld_spatial", samples, pooled=True)
+    assert pooled_share == true_share
+    pooled_lengths, PrefersLabelOne.lengths = PrefersLabelOne.lengths, []
+    shapesworld_llm.ranked(PrefersLabelOne(), tokenizer, "shapesworld_spatial", samples)
+    contexts = [tasks.build("shapesworld_spatial", "test", i, 0)[2] for i in range(samples)]
+    saved = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) - len([p for p in c.split(".") if p.strip()])
+             for c in contexts]
+    assert [a - b for a, b in zip(PrefersLabelOne.lengths, pooled_lengths)] == saved
+    assert all(n > 0 for n in saved)
     scores = {name: shapesworld_llm.ranked(model, tokenizer, name, samples) for name in shapesworld_llm.RANKED}
     assert all(0.0 <= score <= 100.0 for score in scores.values())
     right = scores["shapesworld_spatial"] * samples / 100
