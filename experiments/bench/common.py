@@ -317,6 +317,42 @@ def kernel_profile(step, device: str) -> dict:
     )
 
 
+def op_profile(sides: dict[str, Callable], rounds: int = 6, steps: int = 10, top: int = 15) -> dict:
+    """Where each side's CPU time goes, op by op: ``rounds`` rounds of ``steps`` calls of every side under torch's
+    profiler, the sides' order reversed every other round (so a machine that slows down or speeds up during the run
+    weighs on each side alike). Per side, the profiled milliseconds per call; per op (the ``top`` ops that differ
+    most between the sides, or that take the most time when there is one side), each side's self CPU milliseconds
+    and calls per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    self_ms = {name: {} for name in sides}
+    calls = {name: {} for name in sides}
+    order = list(sides)
+    for round_index in range(rounds):
+        for name in order if round_index % 2 == 0 else order[::-1]:
+            sides[name]()   # a call outside the profile: the first profiled call starts warm
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    sides[name]()
+            for event in prof.key_averages():
+                self_ms[name][event.key] = self_ms[name].get(event.key, 0.0) + event.self_cpu_time_total / 1e3
+                calls[name][event.key] = calls[name].get(event.key, 0) + event.count
+    per_call = rounds * steps
+    ops = {key for name in sides for key in self_ms[name]}
+
+    def weight(key: str) -> float:
+        times = [self_ms[name].get(key, 0.0) for name in sides]
+        return max(times) - min(times) if len(times) > 1 else times[0]
+
+    return dict(
+        rounds=rounds, steps_per_round=steps,
+        total_ms={name: sum(self_ms[name].values()) / per_call for name in sides},
+        ops={key: {name: dict(ms=self_ms[name].get(key, 0.0) / per_call, calls=calls[name].get(key, 0) / per_call)
+                   for name in sides}
+             for key in sorted(ops, key=weight, reverse=True)[:top]},
+    )
+
+
 def add_device_flags(parser) -> None:
     """The flags every model benchmark shares."""
     parser.add_argument("--size", default="cpu", choices=["tiny", "cpu", "released"])

@@ -40,7 +40,9 @@ ln_vision); vision and LLM frozen. Sides:
 
 Prints one JSON object: per batch size and side, samples/s (from CPU time on a CPU, wall time on a GPU), the
 median wall and CPU seconds per step and their spread, peak memory (CUDA), the ratios, and with ``--peak-tflops``
-the FLOPs per sample (torch's FlopCounterMode) and the utilisation.
+the FLOPs per sample (torch's FlopCounterMode) and the utilisation. ``--profile``: on a GPU each side's kernel time
+against its wall time (``sides.*.profile``); on a CPU each side's self CPU time and calls per op, in rounds whose
+order alternates between the sides (``op_profile``: the ops that differ most).
 
     python experiments/bench/train_throughput.py --size cpu --llm llama --batch-sizes 4,8
     python experiments/bench/train_throughput.py --size released --llm llama --device cuda --batch-sizes 8,16,32 \
@@ -51,6 +53,8 @@ the FLOPs per sample (torch's FlopCounterMode) and the utilisation.
         --sides ours_compiled_graphed,ours_compiled,transformers_compiled,transformers
     python experiments/bench/train_throughput.py --size cpu --llm llama --batch-sizes 8,16 --mixed-lengths 4 \
         --sides ours,ours_packed,transformers
+    python experiments/bench/train_throughput.py --size tiny --llm t5 --batch-sizes 8 --sides ours,transformers \
+        --profile
 """
 
 from __future__ import annotations
@@ -64,8 +68,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    add_device_flags, build_pair, emit, environment, first_call, kernel_profile, setup_device, sync, synthetic_batch,
-    time_sides, train_like_the_module,
+    add_device_flags, build_pair, emit, environment, first_call, kernel_profile, op_profile, setup_device, sync,
+    synthetic_batch, time_sides, train_like_the_module,
 )
 from padding import draw_text_lengths  # noqa: E402
 
@@ -255,7 +259,8 @@ def main() -> None:
                         help=f"comma-separated, from {', '.join(SIDES)}")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, for MFU")
     parser.add_argument("--profile", action="store_true",
-                        help="GPU: profile one step of each side (kernel time against wall time, launches, syncs)")
+                        help="GPU: profile one step of each side (kernel time against wall time, launches, syncs); "
+                             "CPU: each side's self CPU time and calls per op, interleaved rounds (row 'op_profile')")
     parser.add_argument("--compile-mode", default=None,
                         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                         help="torch.compile's mode for ours_compiled's blocks (default: torch's default); with "
@@ -371,6 +376,10 @@ def main() -> None:
                 row["ours_tflop_per_sample"] = flops_per_sample(sides["ours"], samples_per_call) / 1e12
             for name in speed:
                 row["sides"][name]["utilisation"] = speed[name] * reference / (args.peak_tflops * 1e12)
+        if args.profile and not args.device.startswith("cuda"):
+            row["op_profile"] = op_profile(sides)
+            print("  profiled ms per step: " + ", ".join(f"{name} {ms:.1f}" for name, ms in
+                                                       row["op_profile"]["total_ms"].items()), file=sys.stderr)
         if args.profile and args.device.startswith("cuda"):
             for name, step in sides.items():
                 row["sides"][name]["profile"] = kernel_profile(step, args.device)
