@@ -317,7 +317,7 @@ def kernel_profile(step, device: str) -> dict:
     )
 
 
-def op_profile(sides: dict[str, Callable], rounds: int = 6, steps: int = 10, top: int = 15) -> dict:
+def op_profile(sides: dict[str, Callable], rounds: int = 6, steps: int = 10, top: int = 30) -> dict:
     """Where each side's CPU time goes, op by op: ``rounds`` rounds of ``steps`` calls of every side under torch's
     profiler, the sides' order reversed every other round (so a machine that slows down or speeds up during the run
     weighs on each side alike). Per side, the profiled milliseconds per call; per op (the ``top`` ops that differ
