@@ -24,7 +24,7 @@ ln_vision); vision and LLM frozen. Sides:
   blocks compiled in place (so, like ``ours_compiled``, without the eager sides of ours). Captured at the first
   call after 3 warm-up steps; each call copies the batch into the graph's buffers. A replay allocates nothing, so
   their ``peak_gib`` is the peak of the warm-up steps and the capture (``peak_of``).
-* ``ours_packed``: ours' training path with ``pack_sequences`` (decoder-only): the samples packed without padding
+* ``ours_packed``: ours' training path with ``pack_sequences``: the samples packed without padding
   before the LLM. It pays off on batches of mixed lengths: ``--mixed-lengths`` gives each row the instruction and
   answer lengths of a draw from the instruction-tuning mixture (``padding.py``'s length model), right-padded to
   the longest, instead of the fixed ``--prompt-len``/``--answer-len``; each timed call then runs ``K`` such
@@ -73,7 +73,7 @@ from common import (  # noqa: E402
 )
 from padding import draw_text_lengths  # noqa: E402
 
-from instructblip.model.packing import row_layout  # noqa: E402
+from instructblip.model.packing import row_layout, seq2seq_row_layout  # noqa: E402
 
 
 SIDES = ("ours", "ours_full_logits", "ours_compiled", "ours_compiled_whole", "ours_packed", "ours_graphed",
@@ -201,22 +201,36 @@ def packed(step, model):
 
 
 def mixed_length_batch(config, batch_size: int, qformer_len: int, device: str, seed: int = 0):
-    """Like ``synthetic_batch``, but each row is ``BOS instruction answer`` with the lengths of a draw from the
-    instruction-tuning mixture (``padding.draw_text_lengths``), right-padded to the longest row (decoder-only)."""
-    if not config.use_decoder_only_language_model:
-        raise SystemExit("--mixed-lengths: decoder-only LLMs only (--llm llama)")
+    """Like ``synthetic_batch``, but each row has the instruction and answer lengths of a draw from the
+    instruction-tuning mixture (``padding.draw_text_lengths``), right-padded to the longest: decoder-only rows
+    ``BOS instruction answer``; encoder-decoder rows the instruction on the encoder's side and the answer (labels,
+    with a ``decoder_attention_mask``) on the decoder's."""
     drawn, _ = draw_text_lengths(batch_size, seed)
-    width = max(1 + instruction + answer for instruction, answer in drawn)
     queries = config.num_query_tokens
-    ours, theirs = synthetic_batch(config, batch_size, qformer_len, queries + width, 0, "cpu", seed)
     pad = config.text_config.pad_token_id or 0
-    for row, (instruction, answer) in enumerate(drawn):
-        answer_start, end = 1 + instruction, 1 + instruction + answer
-        for batch, offset in ((ours, 0), (theirs, queries)):
-            ids = batch["input_ids"][row]
-            batch["labels"][row, offset + answer_start : offset + end] = ids[offset + answer_start : offset + end]
-            ids[offset + end :] = pad
-            batch["attention_mask"][row, offset + end :] = 0
+    if not config.use_decoder_only_language_model:
+        widest_instruction = max(instruction for instruction, _ in drawn)
+        widest_answer = max(answer for _, answer in drawn)
+        ours, theirs = synthetic_batch(config, batch_size, qformer_len, queries + widest_instruction, widest_answer,
+                                       "cpu", seed)
+        answer_mask = torch.zeros(batch_size, widest_answer, dtype=torch.long)
+        for row, (instruction, answer) in enumerate(drawn):
+            for batch, offset in ((ours, 0), (theirs, queries)):
+                batch["input_ids"][row, offset + instruction :] = pad
+                batch["attention_mask"][row, offset + instruction :] = 0
+            ours["labels"][row, answer:] = -100   # the two sides share the labels tensor
+            answer_mask[row, :answer] = 1
+        ours["decoder_attention_mask"] = theirs["decoder_attention_mask"] = answer_mask
+    else:
+        width = max(1 + instruction + answer for instruction, answer in drawn)
+        ours, theirs = synthetic_batch(config, batch_size, qformer_len, queries + width, 0, "cpu", seed)
+        for row, (instruction, answer) in enumerate(drawn):
+            answer_start, end = 1 + instruction, 1 + instruction + answer
+            for batch, offset in ((ours, 0), (theirs, queries)):
+                ids = batch["input_ids"][row]
+                batch["labels"][row, offset + answer_start : offset + end] = ids[offset + answer_start : offset + end]
+                ids[offset + end :] = pad
+                batch["attention_mask"][row, offset + end :] = 0
     move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
     return move(ours), move(theirs)
 
@@ -341,14 +355,27 @@ def main() -> None:
         if packed_agreement is not None:
             row["packed_loss_relative_difference"] = packed_agreement
         if args.mixed_lengths:  # LLM positions: the samples' own, the padded batches', the packed rows'
+            # (encoder-decoder: the encoder's in llm_positions, the decoder's in decoder_positions)
             positions = dict(useful=0, padded=0, packed=0)
+            decoder_positions = dict(useful=0, padded=0, packed=0)
             for micro_batch in ours_batch:
                 lengths = (micro_batch["attention_mask"].sum(dim=1) + pair.config.num_query_tokens).tolist()
-                packed_rows, row_length = row_layout(lengths)
+                if "decoder_attention_mask" in micro_batch:
+                    answers = micro_batch["decoder_attention_mask"].sum(dim=1).tolist()
+                    packed_rows, row_length, answer_row_length = seq2seq_row_layout(lengths, answers)
+                    rows_used = len(packed_rows)
+                    decoder_positions["useful"] += sum(answers)
+                    decoder_positions["padded"] += batch_size * max(answers)
+                    decoder_positions["packed"] += rows_used * answer_row_length
+                else:
+                    packed_rows, row_length = row_layout(lengths)
+                    rows_used = len(packed_rows)
                 positions["useful"] += sum(lengths)
                 positions["padded"] += batch_size * max(lengths)
-                positions["packed"] += len(packed_rows) * row_length
+                positions["packed"] += rows_used * row_length
             row["llm_positions"] = positions
+            if decoder_positions["useful"]:
+                row["decoder_positions"] = decoder_positions
         print(f"batch {batch_size}:", file=sys.stderr, flush=True)
         first_calls = {name: first_call(name, step, args.device)[0] for name, step in sides.items()}
         failed = {name: call["error"] for name, call in first_calls.items() if "error" in call}

@@ -76,6 +76,27 @@ def pack_first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def pack_first_fit_pairs(
+    first: Sequence[int], second: Sequence[int], first_capacity: int, second_capacity: int
+) -> list[list[int]]:
+    """Rows of samples with two lengths each (an encoder-decoder sample's encoder and decoder positions) whose sums
+    fit both capacities, first-fit decreasing by the two lengths together; as in :func:`pack_first_fit`, a sample
+    longer than a capacity counts as that long (it would have been truncated to it)."""
+    rows: list[list[int]] = []
+    room: list[list[int]] = []
+    for i in sorted(range(len(first)), key=lambda i: -(first[i] + second[i])):
+        need = (min(first[i], first_capacity), min(second[i], second_capacity))
+        for r, (left_first, left_second) in enumerate(room):
+            if need[0] <= left_first and need[1] <= left_second:
+                rows[r].append(i)
+                room[r] = [left_first - need[0], left_second - need[1]]
+                break
+        else:
+            rows.append([i])
+            room.append([first_capacity - need[0], second_capacity - need[1]])
+    return rows
+
+
 class LengthGroupedBatchSampler(Sampler[list[int]]):
     """The training sampler's layout (micro-batch ``b`` of rank ``r`` is micro-batch ``m = b * world_size + r`` of
     the global stream, which holds the global sample indices ``[m * batch_size, (m + 1) * batch_size)``) with the

@@ -50,7 +50,7 @@ class InstructBlipConfig:
     ``dtype_policy``: ``auto`` = frozen parts in bf16 and trained parts in fp32 on CUDA, all fp32 on CPU;
     ``float32``/``bfloat16`` = everything in that dtype.
     Training speed options (they change no result): ``pack_sequences`` packs the samples of a training batch
-    without padding before the LLM (decoder-only LLMs only, see ``packing.py``); ``activation_checkpointing``
+    without padding before the LLM (see ``packing.py``); ``activation_checkpointing``
     recomputes the Q-Former's and the LLM's layer activations in the backward pass instead of keeping them.
     """
 
@@ -133,11 +133,6 @@ class InstructBlip(nn.Module):
         self.projection = nn.Linear(qformer_config.hidden_size, self.llm.hidden_size)
         self.processor = None
         self._graphed_encoding = None  # encode_images as a CUDA graph, built by generate_ids when decoding is graphed
-        if config.pack_sequences and self.llm.kind != DECODER_ONLY:
-            raise ConfigError(
-                f"pack_sequences=true needs a decoder-only LLM; this one ({config.llm['model_type']}) is an "
-                "encoder-decoder: set pack_sequences=false"
-            )
         if config.activation_checkpointing:
             self.qformer.activation_checkpointing = True
             self.llm.checkpoint_layers()

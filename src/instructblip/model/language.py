@@ -13,7 +13,8 @@ Layouts (Q = number of visual tokens, T*num_query_tokens for video):
 Training does not need the logits, only the loss: ``label_loss`` runs the decoder-only LM body and applies the LM
 head to the positions that carry a label (the answer tokens and EOS, a small fraction of ``[visual; text]``), so
 the vocabulary projection and the fp32 cross-entropy cost answer-length work instead of sequence-length work.
-With ``pack_sequences`` (decoder-only, training) the samples are packed without padding first (``packing.py``).
+With ``pack_sequences`` (training) the samples are packed without padding first (``packing.py``), for an
+encoder-decoder on both the encoder's and the decoder's side.
 While ``torch.compile`` traces or a CUDA graph is captured, the head runs on every text position instead (no
 shape may depend on where the labels are; see ``fixed_shapes``).
 Greedy decoding and beam search go through the lean loops of ``decoding.py``; sampling (and several returned
@@ -196,13 +197,16 @@ class LanguageModel(nn.Module):
         The same numbers as ``forward``'s loss (and a per-row mean for the per-dataset logs; 0 for a row without
         labels). Decoder-only LMs whose head is a plain linear map get it applied only at the labelled positions;
         the others (T5, heads with logit soft-capping or scaling) compute the full logits first.
-        ``pack_sequences`` (decoder-only): the LLM runs on the samples packed without padding (``packing.py``).
+        ``pack_sequences``: the LLM runs on the samples packed without padding (``packing.py``; an encoder-decoder's
+        encoder and decoder rows are packed alike).
         """
         if self.kind != DECODER_ONLY:
-            if pack_sequences:
-                raise ConfigError("pack_sequences=true needs a decoder-only LLM, not an encoder-decoder (T5/FlanT5)")
             if decoder_input_ids is None:
                 decoder_input_ids = self.hf_model._shift_right(labels)
+            if pack_sequences:
+                return self._packed_seq2seq_losses(
+                    visual, input_ids, attention_mask, labels, decoder_input_ids, decoder_attention_mask
+                )
             # labels are not passed on: the loss is computed once, here, from the token losses
             logits, _ = self.forward(
                 visual, input_ids, attention_mask, None, decoder_input_ids, decoder_attention_mask
@@ -232,11 +236,30 @@ class LanguageModel(nn.Module):
             logits = select(self.hf_model(**llm_inputs, use_cache=False).logits)
         if fixed:
             return fixed_shape_losses(logits, select(targets))
-        token_losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
-        rows = rows[keep]
-        per_row = token_losses.new_zeros(labels.shape[0]).index_add(0, rows, token_losses)
-        labelled = torch.zeros_like(per_row).index_add(0, rows, torch.ones_like(token_losses))
-        return token_losses.mean(), per_row / labelled.clamp_min(1)
+        return sample_losses(logits, targets[keep], rows[keep], labels.shape[0])
+
+    def _packed_seq2seq_losses(
+        self,
+        visual: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        decoder_input_ids: torch.Tensor,
+        decoder_attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``label_loss`` for an encoder-decoder on the samples packed by ``packing.pack_seq2seq``: the encoder runs
+        on the packed encoder rows under their mask, the decoder on the packed answers under the causal and the
+        cross-attention masks."""
+        inputs_embeds, mask = self.embed_with_visual(visual, input_ids, attention_mask)
+        packed = packing.pack_seq2seq(inputs_embeds, mask, decoder_input_ids, labels, decoder_attention_mask)
+        encoded = self.hf_model.get_encoder()(inputs_embeds=packed.inputs_embeds, attention_mask=packed.encoder_mask)
+        # given the encoder's outputs, T5's attention_mask is the decoder's mask over the encoder positions
+        logits = self.hf_model(
+            encoder_outputs=encoded, attention_mask=packed.cross_mask, decoder_input_ids=packed.decoder_input_ids,
+            decoder_attention_mask=packed.decoder_mask, use_cache=False,
+        ).logits
+        keep = packed.labels != -100
+        return sample_losses(logits[keep], packed.labels[keep], packed.sample_index[keep], labels.shape[0])
 
     def checkpoint_layers(self) -> None:
         """Activation checkpointing on the LLM's blocks (those transformers marks ``GradientCheckpointingLayer``):
@@ -337,6 +360,17 @@ class LanguageModel(nn.Module):
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         picked = log_probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         return (picked * (targets != -100)).sum(dim=1)
+
+
+def sample_losses(
+    logits: torch.Tensor, targets: torch.Tensor, samples: torch.Tensor, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token-mean loss, per-sample token-mean loss; 0 for a sample without labels) from the logits of the labelled
+    positions (N, V), their targets (N) and the batch row each comes from (N), the cross-entropy in fp32."""
+    token_losses = F.cross_entropy(logits.float(), targets, reduction="none")
+    per_sample = token_losses.new_zeros(batch_size).index_add(0, samples, token_losses)
+    labelled = torch.zeros_like(per_sample).index_add(0, samples, torch.ones_like(token_losses))
+    return token_losses.mean(), per_sample / labelled.clamp_min(1)
 
 
 def token_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
