@@ -91,7 +91,7 @@ fi
 
 # Limits from the H200 sessions (the logs' times): each job's own run plus a margin.
 # the model's GPU tests (tests/model): run by pytest_gpu and, alone, by pytest_gpu_model
-MODEL_GPU_TESTS="tests/model/test_model_presets.py tests/model/test_speed_levers.py tests/model/test_gemv.py"
+MODEL_GPU_TESTS="tests/model/test_model_presets.py tests/model/test_speed_levers.py tests/model/test_gemv.py tests/model/test_packing.py"
 # The test suite's GPU tests: bf16 frozen towers, dtype policy, the CUDA-graph training step against eager steps
 # (alone, and as instructblip-train's stage.module.step_mode=cuda_graph), image features; then (tests/model and
 # tests/train each have a conftest module) the graphed greedy decode step; last the FSDP2 step, in a process of its

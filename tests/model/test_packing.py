@@ -199,3 +199,21 @@ def test_pack_seq2seq_needs_right_padding():
     with pytest.raises(ValueError, match="decoder_attention_mask must be ones followed by zeros"):
         packing.pack_seq2seq(torch.zeros(1, 2, 1), torch.ones(1, 2), torch.zeros(1, 2, dtype=torch.long),
                              torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 1]]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_packed_t5_on_a_gpu_with_the_frozen_llm_in_bf16(tiny_dirs, batches):
+    """On a GPU the frozen T5 runs in bf16 (``dtype_policy=auto``): the masks take its dtype's lowest value, and the
+    packed per-sample losses follow the padded ones to bf16's precision."""
+    model = InstructBlip.from_pretrained(tiny_dirs["t5"]).place("cuda").eval()
+    assert model.llm.dtype == torch.bfloat16
+    batch = {key: value.cuda() for key, value in batches["t5"].items()}
+    losses = {}
+    with torch.no_grad():
+        for pack in (False, True):
+            model.config.pack_sequences = pack
+            losses[pack] = model(**batch, return_logits=False).per_sample_loss.float()
+    model.config.pack_sequences = False
+    assert torch.isfinite(losses[True]).all()
+    torch.testing.assert_close(losses[True], losses[False], rtol=2e-2, atol=1e-2)
