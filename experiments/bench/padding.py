@@ -8,6 +8,10 @@ The LLM input of a sample is ``[32 visual] BOS instruction answer EOS``. Batchin
   packed into rows as long as its longest sample (``instructblip.model.packing.row_layout``, the model's own
   layout code); ``model_packing_grouped``: the same on the length-grouped batches;
 * ``packed``: the bound, the whole stream first-fit into rows of the longest sample overall;
+* ``encoder_decoder``: the same samples for a T5/FlanT5 LLM, ``[32 visual] instruction </s>`` on the encoder's side
+  and ``answer </s>`` on the decoder's: ``random`` batches padded on both sides, and ``model_packing``, the rows
+  ``pack_sequences`` packs each random batch into (``instructblip.model.packing.seq2seq_row_layout``), counting
+  encoder and decoder positions together;
 * ``fixed_buckets`` / ``fixed_buckets_grouped``: what ``stage.module.step_mode=cuda_graph`` trains on (decoder-only
   LLM), each random (length-grouped) batch padded to the first of ``--buckets`` whose width, visual + instruction +
   target - BOS, holds its longest row (``data.fixed_lengths``), rows past the last bucket's lengths truncated
@@ -33,7 +37,7 @@ from datetime import datetime, timezone
 
 from instructblip.data.length_grouping import length_grouped_batches, pack_first_fit, padding_stats
 from instructblip.data.mixture import PAPER_ADJUSTMENTS, sampling_weights
-from instructblip.model.packing import row_layout
+from instructblip.model.packing import row_layout, seq2seq_row_layout
 
 VISUAL_TOKENS = 32
 MAX_TEXT_TOKENS = 256 + 128  # the processor's answer and instruction caps (LAVIS max_output_txt_len, max_txt_len)
@@ -121,6 +125,24 @@ def model_packing_stats(lengths: list[int], batches: list[list[int]]) -> dict:
     )
 
 
+def encoder_decoder_stats(drawn: list[tuple[int, int]], batches: list[list[int]]) -> dict:
+    """Padding of an encoder-decoder LLM's batches (encoder and decoder positions together): each batch padded on
+    both sides to its longest sample, and packed as ``pack_sequences`` packs it."""
+    useful = padded = packed = 0
+    for batch in batches:
+        encoder = [VISUAL_TOKENS + drawn[i][0] + 1 for i in batch]
+        decoder = [drawn[i][1] + 1 for i in batch]
+        rows, encoder_length, decoder_length = seq2seq_row_layout(encoder, decoder)
+        useful += sum(encoder) + sum(decoder)
+        padded += len(batch) * (max(encoder) + max(decoder))
+        packed += len(rows) * (encoder_length + decoder_length)
+    return dict(
+        useful_tokens=useful,
+        random=dict(padding_tokens=padded - useful, padding_per_useful_token=(padded - useful) / useful),
+        model_packing=dict(padding_tokens=packed - useful, padding_per_useful_token=(packed - useful) / useful),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", default="8,16,32")
@@ -152,6 +174,7 @@ def main() -> None:
             fixed_buckets=bucket_padding_stats(drawn, random_batches, buckets),
             fixed_buckets_grouped=bucket_padding_stats(drawn, grouped, buckets),
             fixed_one=bucket_padding_stats(drawn, random_batches, buckets[-1:]),
+            encoder_decoder=encoder_decoder_stats(drawn, random_batches),
         )
         row["padding_reduction_grouped"] = (
             row["random"]["padding_per_useful_token"] / max(row["length_grouped"]["padding_per_useful_token"], 1e-12)
@@ -172,7 +195,9 @@ def main() -> None:
               f"{row['packed']['padding_per_useful_token']:.3f}; fixed buckets "
               f"{row['fixed_buckets']['padding_per_useful_token']:.3f} (grouped "
               f"{row['fixed_buckets_grouped']['padding_per_useful_token']:.3f}), one fixed shape "
-              f"{row['fixed_one']['padding_per_useful_token']:.3f}", file=sys.stderr)
+              f"{row['fixed_one']['padding_per_useful_token']:.3f}; encoder-decoder random "
+              f"{row['encoder_decoder']['random']['padding_per_useful_token']:.3f}, model packing "
+              f"{row['encoder_decoder']['model_packing']['padding_per_useful_token']:.3f}", file=sys.stderr)
     mean = sum(lengths) / len(lengths)
     json.dump(dict(
         benchmark="padding", samples=len(lengths), window_batches=args.window_batches,
