@@ -70,35 +70,37 @@ def test_packed_loss_and_gradients_equal_padded(attention, llm, our_models, batc
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=atol, msg=name)
 
 
-def test_packing_keeps_samples_apart(our_models, batches):
-    """Without the sample boundaries (one position run over the whole row) the losses change: the test above
-    would catch attention leaking across samples."""
-    model, batch = our_models["llama"], batches["llama"]
+def _packed_then_leaked(model, batch, monkeypatch, name, leaky):
+    """Per-sample losses of the packed forward, then of the same with ``packing.<name>`` replaced by ``leaky``."""
     with torch.no_grad():
         model.config.pack_sequences = True
         try:
             packed = model(**batch, return_logits=False)
-            original = packing.pack
-
-            def leaky(*args, **kwargs):
-                rows = original(*args, **kwargs)
-                running = torch.arange(rows.position_ids.shape[1]).expand_as(rows.position_ids)
-                return packing.PackedRows(rows.inputs_embeds, running, rows.targets, rows.sample_index)
-
-            packing.pack = leaky
-            try:
+            with monkeypatch.context() as patch:
+                patch.setattr(packing, name, leaky)
                 leaked = model(**batch, return_logits=False)
-            finally:
-                packing.pack = original
         finally:
             model.config.pack_sequences = False
-    assert not torch.allclose(packed.per_sample_loss, leaked.per_sample_loss, rtol=1e-3)
+    return packed.per_sample_loss, leaked.per_sample_loss
+
+
+def test_packing_keeps_samples_apart(our_models, batches, monkeypatch):
+    """Without the sample boundaries (one position run over the whole row) the losses change: the test above
+    would catch attention leaking across samples."""
+    original = packing.pack
+
+    def leaky(*args, **kwargs):
+        rows = original(*args, **kwargs)
+        running = torch.arange(rows.position_ids.shape[1]).expand_as(rows.position_ids)
+        return packing.PackedRows(rows.inputs_embeds, running, rows.targets, rows.sample_index)
+
+    packed, leaked = _packed_then_leaked(our_models["llama"], batches["llama"], monkeypatch, "pack", leaky)
+    assert not torch.allclose(packed, leaked, rtol=1e-3)
 
 
 @pytest.mark.parametrize("leak", ["encoder_mask", "decoder_mask", "cross_mask"])
-def test_seq2seq_packing_keeps_samples_apart(leak, our_models, batches):
+def test_seq2seq_packing_keeps_samples_apart(leak, our_models, batches, monkeypatch):
     """With any one of the three masks letting every position see the whole row, the losses change."""
-    model, batch = our_models["t5"], batches["t5"]
     original = packing.pack_seq2seq
 
     def leaky(*args, **kwargs):
@@ -106,18 +108,8 @@ def test_seq2seq_packing_keeps_samples_apart(leak, our_models, batches):
         setattr(rows, leak, torch.zeros_like(getattr(rows, leak)))
         return rows
 
-    with torch.no_grad():
-        model.config.pack_sequences = True
-        try:
-            packed = model(**batch, return_logits=False)
-            packing.pack_seq2seq = leaky
-            try:
-                leaked = model(**batch, return_logits=False)
-            finally:
-                packing.pack_seq2seq = original
-        finally:
-            model.config.pack_sequences = False
-    assert not torch.allclose(packed.per_sample_loss, leaked.per_sample_loss, rtol=1e-3)
+    packed, leaked = _packed_then_leaked(our_models["t5"], batches["t5"], monkeypatch, "pack_seq2seq", leaky)
+    assert not torch.allclose(packed, leaked, rtol=1e-3)
 
 
 def test_pack_layout():
