@@ -61,11 +61,9 @@ def pack(
     ``targets`` (B, L) are per-position next-token targets of the padded layout (-100 = none); the last position
     of each sample gets none whatever they say, since its next position belongs to another sample.
     """
-    valid = attention_mask.bool()
+    valid = _right_padded(attention_mask, "attention_mask")
     lengths = valid.sum(dim=1)
     positions = torch.arange(valid.shape[1], device=valid.device)
-    if not torch.equal(valid, positions < lengths[:, None]):
-        raise ValueError("packing needs right-padded rows: attention_mask must be ones followed by zeros")
     lengths_list = lengths.tolist()
     rows, capacity = row_layout(lengths_list, one_row)
 
