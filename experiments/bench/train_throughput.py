@@ -363,16 +363,14 @@ def main() -> None:
                 if "decoder_attention_mask" in micro_batch:
                     answers = micro_batch["decoder_attention_mask"].sum(dim=1).tolist()
                     packed_rows, row_length, answer_row_length = seq2seq_row_layout(lengths, answers)
-                    rows_used = len(packed_rows)
                     decoder_positions["useful"] += sum(answers)
                     decoder_positions["padded"] += batch_size * max(answers)
-                    decoder_positions["packed"] += rows_used * answer_row_length
+                    decoder_positions["packed"] += len(packed_rows) * answer_row_length
                 else:
                     packed_rows, row_length = row_layout(lengths)
-                    rows_used = len(packed_rows)
                 positions["useful"] += sum(lengths)
                 positions["padded"] += batch_size * max(lengths)
-                positions["packed"] += rows_used * row_length
+                positions["packed"] += len(packed_rows) * row_length
             row["llm_positions"] = positions
             if decoder_positions["useful"]:
                 row["decoder_positions"] = decoder_positions
@@ -407,7 +405,7 @@ def main() -> None:
             row["op_profile"] = op_profile(sides)
             print("  profiled ms per step: " + ", ".join(f"{name} {ms:.1f}" for name, ms in
                                                        row["op_profile"]["total_ms"].items()), file=sys.stderr)
-        if args.profile and args.device.startswith("cuda"):
+        elif args.profile:
             for name, step in sides.items():
                 row["sides"][name]["profile"] = kernel_profile(step, args.device)
                 busy = row["sides"][name]["profile"]

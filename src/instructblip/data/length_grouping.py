@@ -61,27 +61,15 @@ def length_grouped_batches(
 def pack_first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Rows of positions whose lengths sum to at most ``capacity`` (first-fit decreasing); longer samples get a
     row of their own (they would be truncated to ``capacity`` by the processor)."""
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        size = min(lengths[i], capacity)
-        for r, room in enumerate(free):
-            if size <= room:
-                rows[r].append(i)
-                free[r] -= size
-                break
-        else:
-            rows.append([i])
-            free.append(capacity - size)
-    return rows
+    return pack_first_fit_pairs(lengths, [0] * len(lengths), capacity, 0)
 
 
 def pack_first_fit_pairs(
     first: Sequence[int], second: Sequence[int], first_capacity: int, second_capacity: int
 ) -> list[list[int]]:
     """Rows of samples with two lengths each (an encoder-decoder sample's encoder and decoder positions) whose sums
-    fit both capacities, first-fit decreasing by the two lengths together; as in :func:`pack_first_fit`, a sample
-    longer than a capacity counts as that long (it would have been truncated to it)."""
+    fit both capacities, first-fit decreasing by the two lengths together; a sample longer than a capacity counts as
+    that long (it would have been truncated to it)."""
     rows: list[list[int]] = []
     room: list[list[int]] = []
     for i in sorted(range(len(first)), key=lambda i: -(first[i] + second[i])):

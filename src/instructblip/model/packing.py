@@ -67,27 +67,13 @@ def pack(
     lengths_list = lengths.tolist()
     rows, capacity = row_layout(lengths_list, one_row)
 
-    # Where each sample starts in the packed layout: its row and its offset within the row.
-    row_of = [0] * len(lengths_list)
-    offset_of = [0] * len(lengths_list)
-    for r, members in enumerate(rows):
-        offset = 0
-        for i in members:
-            row_of[i], offset_of[i] = r, offset
-            offset += lengths_list[i]
-    device = inputs_embeds.device
-    sample = torch.arange(valid.shape[0], device=device)[:, None].expand_as(valid)[valid]  # of each kept position
-    position = positions.expand_as(valid)[valid]  # within its sample
-    destination = (
-        torch.tensor(row_of, device=device)[sample],
-        torch.tensor(offset_of, device=device)[sample] + position,
-    )
+    destination = _destinations(valid, rows, lengths_list)
+    position = positions.expand_as(valid)[valid]  # of each kept position, within its sample
 
     packed_shape = (len(rows), capacity)
     embeds = inputs_embeds.new_zeros(*packed_shape, inputs_embeds.shape[-1])
     embeds[destination] = inputs_embeds[valid]
-    sample_index = torch.full(packed_shape, -1, dtype=torch.long, device=device)
-    sample_index[destination] = sample
+    sample_index = _sample_map(packed_shape, valid, destination)
     last_of_sample = positions == (lengths[:, None] - 1)
     packed_targets = targets.new_full(packed_shape, -100)
     packed_targets[destination] = targets.masked_fill(last_of_sample, -100)[valid]
@@ -158,18 +144,8 @@ def pack_seq2seq(
     decoder_lengths = decoder_valid.sum(dim=1).tolist()
     rows, encoder_capacity, decoder_capacity = seq2seq_row_layout(encoder_lengths, decoder_lengths)
 
-    row_of = [0] * len(encoder_lengths)
-    encoder_offset, decoder_offset = [0] * len(encoder_lengths), [0] * len(encoder_lengths)
-    for r, members in enumerate(rows):
-        encoder_used = decoder_used = 0
-        for i in members:
-            row_of[i], encoder_offset[i], decoder_offset[i] = r, encoder_used, decoder_used
-            encoder_used += encoder_lengths[i]
-            decoder_used += decoder_lengths[i]
-    device = inputs_embeds.device
-    row_of = torch.tensor(row_of, device=device)
-    encoder_at = _destinations(encoder_valid, row_of, torch.tensor(encoder_offset, device=device))
-    decoder_at = _destinations(decoder_valid, row_of, torch.tensor(decoder_offset, device=device))
+    encoder_at = _destinations(encoder_valid, rows, encoder_lengths)
+    decoder_at = _destinations(decoder_valid, rows, decoder_lengths)
 
     embeds = inputs_embeds.new_zeros(len(rows), encoder_capacity, inputs_embeds.shape[-1])
     embeds[encoder_at] = inputs_embeds[encoder_valid]
@@ -209,17 +185,30 @@ def _right_padded(mask: torch.Tensor, name: str) -> torch.Tensor:
     return valid
 
 
-def _destinations(valid: torch.Tensor, row_of: torch.Tensor, offset_of: torch.Tensor):
-    """(row, column) in the packed layout of each kept position of the padded ``valid`` layout."""
-    sample = torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
+def _kept_samples(valid: torch.Tensor) -> torch.Tensor:
+    """The batch row of each kept position of the padded ``valid`` layout."""
+    return torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
+
+
+def _destinations(valid: torch.Tensor, rows: list[list[int]], lengths: list[int]):
+    """(row, column) in the packed layout of each kept position of the padded ``valid`` layout: the samples of each
+    of ``rows`` laid end to end in its order, ``lengths`` long."""
+    row_of, offset_of = [0] * len(lengths), [0] * len(lengths)
+    for r, members in enumerate(rows):
+        offset = 0
+        for i in members:
+            row_of[i], offset_of[i] = r, offset
+            offset += lengths[i]
+    sample = _kept_samples(valid)
     position = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)[valid]
-    return row_of[sample], offset_of[sample] + position
+    return (torch.tensor(row_of, device=valid.device)[sample],
+            torch.tensor(offset_of, device=valid.device)[sample] + position)
 
 
 def _sample_map(shape: tuple[int, int], valid: torch.Tensor, destination) -> torch.Tensor:
     """The batch row each packed position comes from, -1 where none does."""
     sample_index = torch.full(shape, -1, dtype=torch.long, device=valid.device)
-    sample_index[destination] = torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
+    sample_index[destination] = _kept_samples(valid)
     return sample_index
 
 

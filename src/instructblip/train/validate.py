@@ -136,13 +136,13 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"data.examples=caption with stage={stage}; allowed: instruction")
     if stage == "blip2_stage1" and OmegaConf.select(cfg, "data.collate") != "caption":
         raise ConfigError("stage=blip2_stage1 trains on captions through the Q-Former only; data.collate must be caption")
-    compile_mode = OmegaConf.select(cfg, "stage.module.compile_mode")
-    if compile_mode is not None and not OmegaConf.select(cfg, "stage.module.compile"):
-        raise ConfigError(f"stage.module.compile_mode={compile_mode} applies to compiled code; set "
-                          "stage.module.compile=true (or a backend name), or leave compile_mode null")
     from instructblip.train.data import check_fixed_lengths, check_image_features
 
     select = lambda key, default=None: OmegaConf.select(cfg, key, default=default)  # noqa: E731
+    compile_mode = select("stage.module.compile_mode")
+    if compile_mode is not None and not select("stage.module.compile"):
+        raise ConfigError(f"stage.module.compile_mode={compile_mode} applies to compiled code; set "
+                          "stage.module.compile=true (or a backend name), or leave compile_mode null")
     check_image_features(select("data.image_features"), select("data.augment", True),
                          select("data.collate", "instruction"))
     check_fixed_lengths(select("data.fixed_lengths"), select("data.collate", "instruction"))
