@@ -39,10 +39,10 @@ def vqa_shards(shards) -> str:
     return str(Path(paths[0]).parent / "vqav2-train-*.tar")
 
 
-def datamodule(shard_glob: str, model, features: str | None, steps: int = 6):
+def datamodule(shard_glob: str, model, features: str | None, steps: int = 6, dataset: str = "vqav2"):
     from instructblip.train.data import InstructBlipDataModule
 
-    module = InstructBlipDataModule(datasets={"vqav2": shard_glob}, batch_size=2, seed=SEED, augment=False,
+    module = InstructBlipDataModule(datasets={dataset: shard_glob}, batch_size=2, seed=SEED, augment=False,
                                     image_features=features)
     module.trainer = SimpleNamespace(global_rank=0, world_size=1, accumulate_grad_batches=1, max_steps=steps,
                                      lightning_module=SimpleNamespace(processor=model.processor, model=model))
@@ -185,6 +185,51 @@ def test_video_features_give_the_video_pixel_queries(tiny_model):
     torch.testing.assert_close(from_features, from_pixels, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="exactly one of pixel_values and image_features"):
         model.encode_images(video, instruction, image_features=features)
+
+
+def test_video_shard_features_are_each_frames_trunk_output_and_train_like_pixels(tiny_model, shards, tmp_path):
+    """A video shard (frame0.jpg ... frame2.jpg per sample): the command stores (frames, tokens, width) per sample,
+    the loader hands (B, frames, tokens, width) to the model, and the loss is the pixel path's."""
+    from safetensors.torch import load_file
+
+    from instructblip.data.features import features_file, write_features
+    from instructblip.data.record import Record
+
+    _, model = tiny_model
+    frames = 3
+    records = [Record(dataset="msrvtt_qa", task="video_qa", id=f"msrvtt_qa_{i}", split="train", num_frames=frames,
+                      question=f"what moves in clip {i}?", answers=["a cube"]) for i in range(4)]
+    samples = [shards.sample(r, **{f"frame{t}.jpg": shards.image_bytes(10 * i + t) for t in range(frames)})
+               for i, r in enumerate(records)]
+    shard = shards.write("msrvtt_qa-train-000000.tar", samples)
+    summary = write_features(model, {"msrvtt_qa": shard}, tmp_path / "features", batch_size=3, dtype="float32",
+                             progress=False)
+    assert summary["msrvtt_qa"]["written"] == 4 and summary["msrvtt_qa"]["skipped"] == 0
+    stored = load_file(str(features_file(tmp_path / "features", "msrvtt_qa", shard)))
+    tokens, width = model.config.vision.num_tokens, model.vision.width
+    assert {key: tuple(t.shape) for key, t in stored.items()} == {r.id: (frames, tokens, width) for r in records}
+
+    with_pixels = datamodule(shard, model, None, steps=2, dataset="msrvtt_qa")
+    with_features = datamodule(shard, model, str(tmp_path / "features"), steps=2, dataset="msrvtt_qa")
+    pixel_batches = list(with_pixels.train_dataloader())
+    feature_batches = list(with_features.train_dataloader())
+    assert len(pixel_batches) == len(feature_batches) == 2
+    model.train()
+    try:
+        for pixels, features in zip(pixel_batches, feature_batches):
+            assert pixels["pixel_values"].shape[1] == frames
+            assert features["image_features"].shape[1:] == (frames, tokens, width)
+            with torch.no_grad():  # the stored frames are the trunk's output on the pixel batch's frames
+                trunk = model.vision._run_trunk(pixels["pixel_values"].flatten(0, 1)).unflatten(0, (-1, frames))
+            torch.testing.assert_close(features["image_features"], trunk, rtol=1e-6, atol=1e-6)
+            losses = []
+            for batch in (pixels, features):
+                inputs = {k: v for k, v in batch.items() if k not in ("dataset", "sample_index")}
+                torch.manual_seed(0)  # dropout
+                losses.append(model(**inputs, return_logits=False).loss)
+            torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    finally:
+        model.eval()
 
 
 @pytest.mark.gpu
