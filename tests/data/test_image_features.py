@@ -50,6 +50,16 @@ def datamodule(shard_glob: str, model, features: str | None, steps: int = 6, dat
     return module
 
 
+def assert_same_training_loss(model, pixel_batch: dict, feature_batch: dict) -> None:
+    """The training loss of the batch built from pixels equals that of the one built from stored features."""
+    losses = []
+    for batch in (pixel_batch, feature_batch):
+        inputs = {k: v for k, v in batch.items() if k not in ("dataset", "sample_index")}
+        torch.manual_seed(0)  # dropout
+        losses.append(model(**inputs, return_logits=False).loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+
+
 def test_written_features_are_the_trunk_output_and_the_corrupt_image_is_counted(tiny_model, vqa_shards, tmp_path):
     from instructblip.data.features import ImageFeatures, write_features
     from instructblip.data.shards import ExampleDecoder, SkipCounter
@@ -103,12 +113,7 @@ def test_loader_yields_features_and_the_loss_equals_the_pixel_loss(tiny_model, v
                 model.config.vision.num_tokens, model.vision.width)
             assert torch.equal(pixels["sample_index"], features["sample_index"])
             assert torch.equal(pixels["input_ids"], features["input_ids"])
-            losses = []
-            for batch in (pixels, features):
-                inputs = {k: v for k, v in batch.items() if k not in ("dataset", "sample_index")}
-                torch.manual_seed(0)  # dropout
-                losses.append(model(**inputs, return_logits=False).loss)
-            torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+            assert_same_training_loss(model, pixels, features)
     finally:
         model.eval()
 
@@ -222,12 +227,7 @@ def test_video_shard_features_are_each_frames_trunk_output_and_train_like_pixels
             with torch.no_grad():  # the stored frames are the trunk's output on the pixel batch's frames
                 trunk = model.vision._run_trunk(pixels["pixel_values"].flatten(0, 1)).unflatten(0, (-1, frames))
             torch.testing.assert_close(features["image_features"], trunk, rtol=1e-6, atol=1e-6)
-            losses = []
-            for batch in (pixels, features):
-                inputs = {k: v for k, v in batch.items() if k not in ("dataset", "sample_index")}
-                torch.manual_seed(0)  # dropout
-                losses.append(model(**inputs, return_logits=False).loss)
-            torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+            assert_same_training_loss(model, pixels, features)
     finally:
         model.eval()
 
