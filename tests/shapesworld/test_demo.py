@@ -251,3 +251,29 @@ def test_llm_ceiling_ranks_the_true_false_tasks_as_the_runner_does(demo_dir):
     assert all(0.0 <= score <= 100.0 for score in scores.values())
     right = scores["shapesworld_spatial"] * samples / 100
     assert abs(right - round(right)) < 1e-9   # a count of the samples
+
+
+def test_query_word_probe_compares_the_quick_demos_queries_with_the_named_shapes_words(demo_dir):
+    """experiments/query_word_probe.py on the quick demo's final checkpoint: one row per statement for the colour
+    and kind, one per side the named shape lies along, cosines and shares in range."""
+    probe = import_script("experiments", "query_word_probe")
+    from instructblip.shapesworld import tasks, world
+
+    assert probe.sides((0, 0), 3) == ["top", "left"] and probe.sides((1, 1), 3) == []
+    assert probe.sides((2, 1), 3) == ["bottom"]
+    samples = 12
+    result = probe.probe(str(demo_dir / "instruct" / "hf"), samples)
+    expected_sides = 0
+    for index in range(samples):
+        record, _, _ = tasks.build("shapesworld_spatial", "test", index, 0)
+        _, color, kind = record.text.split()[:3]
+        scene = world.Scene.from_dict(record.extra["scene"])
+        shape = next(s for s in scene.shapes if (s.color, s.kind) == (color, kind))
+        expected_sides += len(probe.sides(shape.cell, world.GRID))
+    assert result["n"]["colour"] == result["n"]["kind"] == samples
+    assert result["n"]["side"] == result["n"]["side above the opposite side"] == expected_sides > 0
+    for key in ("colour", "other colours (mean)", "kind", "other kinds (mean)", "side", "opposite side"):
+        assert -1 <= result[key] <= 1
+    for key in ("colour above every other colour", "side above the opposite side",
+                "column from the mean query, linear probe, held-out accuracy"):
+        assert 0 <= result[key] <= 1
