@@ -5,11 +5,10 @@ Predictions-file line for all three: ``{"id": str|int, "prediction": str, "refer
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from instructblip.errors import ConfigError
-from instructblip.eval.base import SampleMetric, sample_id, text_field, text_list_field
+from instructblip.eval.base import AnswerLinesMetric
 from instructblip.eval.normalization import (
     clean_whitespace,
     normalize_answer,
@@ -67,21 +66,21 @@ def _normalizer(normalize: str):
     raise ConfigError(f"unknown normalize {normalize!r}; allowed: {', '.join(NORMALIZATIONS)}")
 
 
-class _AnswerMetric(SampleMetric):
-    line_format = '{"id": str|int, "prediction": str, "references": [str, ...]}'
-
-    def parse(self, line: Mapping[str, Any]) -> dict[str, Any]:
-        return {
-            "id": sample_id(line),
-            "prediction": text_field(line, "prediction"),
-            "references": text_list_field(line, "references"),
-        }
-
+class _AnswerMetric(AnswerLinesMetric):
     def score_samples(self, samples: list[dict[str, Any]]) -> float:
         return 100.0 * sum(self.score_one(s["prediction"], s["references"]) for s in samples) / len(samples)
 
     def score_one(self, prediction: str, references: list[str]) -> float:
         raise NotImplementedError
+
+
+class _NormalizedAnswerMetric(_AnswerMetric):
+    """An answer metric that compares texts after ``normalize``: "vqa" (the VQA steps) or "none" (exact)."""
+
+    def __init__(self, normalize: str = "vqa", **kwargs: Any) -> None:
+        self._normalize = _normalizer(normalize)
+        super().__init__(**kwargs)
+        self.normalize = normalize
 
 
 class VQAAccuracy(_AnswerMetric):
@@ -103,7 +102,7 @@ class VQAAccuracy(_AnswerMetric):
         return vqa_accuracy(prediction, references, self.rule)
 
 
-class Accuracy(_AnswerMetric):
+class Accuracy(_NormalizedAnswerMetric):
     """Top-1 accuracy: 1 when the prediction equals one of the references (usually one).
 
     ``normalize="vqa"`` (default) applies the VQA punctuation and digit/article steps to both sides first, as
@@ -114,17 +113,12 @@ class Accuracy(_AnswerMetric):
 
     name = "accuracy"
 
-    def __init__(self, normalize: str = "vqa", **kwargs: Any) -> None:
-        self._normalize = _normalizer(normalize)
-        super().__init__(**kwargs)
-        self.normalize = normalize
-
     def score_one(self, prediction: str, references: list[str]) -> float:
         prediction = self._normalize(prediction)
         return float(any(self._normalize(reference) == prediction for reference in references))
 
 
-class IVQAAccuracy(_AnswerMetric):
+class IVQAAccuracy(_NormalizedAnswerMetric):
     """iVQA accuracy (just-ask): min(1, #annotators who gave the prediction / 2) over the 5 answers.
 
     No leave-one-out. ``normalize="vqa"`` (default) normalises both sides, which changes nothing for answers from
@@ -132,11 +126,6 @@ class IVQAAccuracy(_AnswerMetric):
     """
 
     name = "ivqa_accuracy"
-
-    def __init__(self, normalize: str = "vqa", **kwargs: Any) -> None:
-        self._normalize = _normalizer(normalize)
-        super().__init__(**kwargs)
-        self.normalize = normalize
 
     def score_one(self, prediction: str, references: list[str]) -> float:
         prediction = self._normalize(prediction)

@@ -96,6 +96,19 @@ class SampleMetric(Metric):
         return torch.tensor(score, dtype=torch.float64)
 
 
+class AnswerLinesMetric(SampleMetric):
+    """A metric over lines that pair a predicted text with its reference texts (answers, captions)."""
+
+    line_format = '{"id": str|int, "prediction": str, "references": [str, ...]}'
+
+    def parse(self, line: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "id": sample_id(line),
+            "prediction": text_field(line, "prediction"),
+            "references": text_list_field(line, "references"),
+        }
+
+
 # -- field checks shared by the metrics' parse() ----------------------------------------------------------------
 
 def sample_id(line: Mapping[str, Any]) -> str:

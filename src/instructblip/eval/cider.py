@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
 from typing import Any
 
 from instructblip.errors import ConfigError
-from instructblip.eval.base import SampleMetric, sample_id, text_field, text_list_field
+from instructblip.eval.base import AnswerLinesMetric
 
 
 def _check_java() -> None:
@@ -47,21 +46,13 @@ def cider_d(predictions: dict[str, str], references: dict[str, list[str]]) -> tu
     return float(corpus), {i: float(s) for i, s in zip(ids, per_image)}
 
 
-class CIDEr(SampleMetric):
+class CIDEr(AnswerLinesMetric):
     """CIDEr-D (NoCaps, Flickr30K, COCO, TextCaps) in the paper's scale (pycocoevalcap's value x 100).
 
     ``references`` are all reference captions of the image; ``prediction`` the generated caption.
     """
 
     name = "cider"
-    line_format = '{"id": str|int, "prediction": str, "references": [str, ...]}'
-
-    def parse(self, line: Mapping[str, Any]) -> dict[str, Any]:
-        return {
-            "id": sample_id(line),
-            "prediction": text_field(line, "prediction"),
-            "references": text_list_field(line, "references"),
-        }
 
     def score_samples(self, samples: list[dict[str, Any]]) -> float:
         corpus, _ = cider_d({s["id"]: s["prediction"] for s in samples},
