@@ -43,15 +43,12 @@ def probe(checkpoint: str, samples: int) -> dict:
     processor = model.processor
     table = model.llm.hf_model.get_input_embeddings().weight.detach()
 
-    def word_vector(word: str) -> torch.Tensor:
-        ids = processor.tokenizer(word, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise SystemExit(f"query_word_probe.py: {word!r} is {len(ids)} tokens of the LLM's tokenizer, not one")
-        return table[ids[0]]
-
-    def best(queries: torch.Tensor, word: str) -> float:
-        """The highest cosine of any query with the word's input embedding."""
-        return torch.nn.functional.cosine_similarity(queries, word_vector(word)[None], dim=-1).max().item()
+    words = [*world.COLORS, *world.SHAPES, *OPPOSITE]
+    ids = [processor.tokenizer(word, add_special_tokens=False)["input_ids"] for word in words]
+    for word, word_ids in zip(words, ids):
+        if len(word_ids) != 1:
+            raise SystemExit(f"query_word_probe.py: {word!r} is {len(word_ids)} tokens of the LLM's tokenizer, not one")
+    vectors = torch.nn.functional.normalize(table[[word_ids[0] for word_ids in ids]], dim=-1)
 
     sums: dict[str, list[float]] = {}
 
@@ -67,19 +64,19 @@ def probe(checkpoint: str, samples: int) -> dict:
         instruction, _ = templates.render_evaluation(record)
         with torch.no_grad():
             queries = model.encode_images(processor.pixel_values([image]), **processor.qformer_batch([instruction]))[0]
-        others = [c for c in world.COLORS if c != shape.color]
-        add("colour", best(queries, shape.color))
-        add("other colours (mean)", sum(best(queries, c) for c in others) / len(others))
-        above = best(queries, shape.color) > max(best(queries, c) for c in others)
-        add("colour above every other colour", float(above))
-        kinds = [k for k in world.SHAPES if k != shape.kind]
-        add("kind", best(queries, shape.kind))
-        add("other kinds (mean)", sum(best(queries, k) for k in kinds) / len(kinds))
+        # the highest cosine of any query with each word's input embedding
+        best = dict(zip(words, (torch.nn.functional.normalize(queries, dim=-1) @ vectors.T).amax(0).tolist()))
+        others = [best[c] for c in world.COLORS if c != shape.color]
+        add("colour", best[shape.color])
+        add("other colours (mean)", sum(others) / len(others))
+        add("colour above every other colour", float(best[shape.color] > max(others)))
+        kinds = [best[k] for k in world.SHAPES if k != shape.kind]
+        add("kind", best[shape.kind])
+        add("other kinds (mean)", sum(kinds) / len(kinds))
         for side in sides(shape.cell, world.GRID):
-            opposite = OPPOSITE[side]
-            add("side", best(queries, side))
-            add("opposite side", best(queries, opposite))
-            add("side above the opposite side", float(best(queries, side) > best(queries, opposite)))
+            add("side", best[side])
+            add("opposite side", best[OPPOSITE[side]])
+            add("side above the opposite side", float(best[side] > best[OPPOSITE[side]]))
         means.append(queries.mean(0))
         columns.append(shape.cell[1])
     result = {key: round(sum(values) / len(values), 3) for key, values in sums.items()}

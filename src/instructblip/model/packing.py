@@ -67,13 +67,12 @@ def pack(
     lengths_list = lengths.tolist()
     rows, capacity = row_layout(lengths_list, one_row)
 
-    destination = _destinations(valid, rows, lengths_list)
-    position = positions.expand_as(valid)[valid]  # of each kept position, within its sample
+    destination, sample, position = _destinations(valid, rows, lengths_list)
 
     packed_shape = (len(rows), capacity)
     embeds = inputs_embeds.new_zeros(*packed_shape, inputs_embeds.shape[-1])
     embeds[destination] = inputs_embeds[valid]
-    sample_index = _sample_map(packed_shape, valid, destination)
+    sample_index = _sample_map(packed_shape, destination, sample)
     last_of_sample = positions == (lengths[:, None] - 1)
     packed_targets = targets.new_full(packed_shape, -100)
     packed_targets[destination] = targets.masked_fill(last_of_sample, -100)[valid]
@@ -144,13 +143,13 @@ def pack_seq2seq(
     decoder_lengths = decoder_valid.sum(dim=1).tolist()
     rows, encoder_capacity, decoder_capacity = seq2seq_row_layout(encoder_lengths, decoder_lengths)
 
-    encoder_at = _destinations(encoder_valid, rows, encoder_lengths)
-    decoder_at = _destinations(decoder_valid, rows, decoder_lengths)
+    encoder_at, encoder_from, _ = _destinations(encoder_valid, rows, encoder_lengths)
+    decoder_at, decoder_from, _ = _destinations(decoder_valid, rows, decoder_lengths)
 
     embeds = inputs_embeds.new_zeros(len(rows), encoder_capacity, inputs_embeds.shape[-1])
     embeds[encoder_at] = inputs_embeds[encoder_valid]
-    encoder_sample = _sample_map((len(rows), encoder_capacity), encoder_valid, encoder_at)
-    decoder_sample = _sample_map((len(rows), decoder_capacity), decoder_valid, decoder_at)
+    encoder_sample = _sample_map((len(rows), encoder_capacity), encoder_at, encoder_from)
+    decoder_sample = _sample_map((len(rows), decoder_capacity), decoder_at, decoder_from)
     decoder_ids = decoder_input_ids.new_zeros(len(rows), decoder_capacity)
     decoder_ids[decoder_at] = decoder_input_ids[decoder_valid]
     packed_labels = labels.new_full((len(rows), decoder_capacity), -100)
@@ -185,30 +184,27 @@ def _right_padded(mask: torch.Tensor, name: str) -> torch.Tensor:
     return valid
 
 
-def _kept_samples(valid: torch.Tensor) -> torch.Tensor:
-    """The batch row of each kept position of the padded ``valid`` layout."""
-    return torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
-
-
 def _destinations(valid: torch.Tensor, rows: list[list[int]], lengths: list[int]):
-    """(row, column) in the packed layout of each kept position of the padded ``valid`` layout: the samples of each
-    of ``rows`` laid end to end in its order, ``lengths`` long."""
+    """For each kept position of the padded ``valid`` layout: its (row, column) in the packed layout, where the
+    samples of each of ``rows`` lie end to end in its order, ``lengths`` long; its batch row; its position within
+    its sample."""
     row_of, offset_of = [0] * len(lengths), [0] * len(lengths)
     for r, members in enumerate(rows):
         offset = 0
         for i in members:
             row_of[i], offset_of[i] = r, offset
             offset += lengths[i]
-    sample = _kept_samples(valid)
+    sample = torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
     position = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)[valid]
-    return (torch.tensor(row_of, device=valid.device)[sample],
-            torch.tensor(offset_of, device=valid.device)[sample] + position)
+    destination = (torch.tensor(row_of, device=valid.device)[sample],
+                   torch.tensor(offset_of, device=valid.device)[sample] + position)
+    return destination, sample, position
 
 
-def _sample_map(shape: tuple[int, int], valid: torch.Tensor, destination) -> torch.Tensor:
-    """The batch row each packed position comes from, -1 where none does."""
-    sample_index = torch.full(shape, -1, dtype=torch.long, device=valid.device)
-    sample_index[destination] = _kept_samples(valid)
+def _sample_map(shape: tuple[int, int], destination, sample: torch.Tensor) -> torch.Tensor:
+    """The batch row each packed position comes from (``sample`` at ``destination``), -1 where none does."""
+    sample_index = torch.full(shape, -1, dtype=torch.long, device=sample.device)
+    sample_index[destination] = sample
     return sample_index
 
 
