@@ -22,14 +22,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-OPPOSITE = {"top": "bottom", "bottom": "top", "left": "right", "right": "left"}
-
-
-def sides(cell: tuple[int, int], grid: int) -> list[str]:
-    """The sides of the image a cell lies along (none for the centre)."""
-    row, column = cell
-    at = {"top": row == 0, "bottom": row == grid - 1, "left": column == 0, "right": column == grid - 1}
-    return [side for side, yes in at.items() if yes]
 
 
 def probe(checkpoint: str, samples: int) -> dict:
@@ -43,7 +35,7 @@ def probe(checkpoint: str, samples: int) -> dict:
     processor = model.processor
     table = model.llm.hf_model.get_input_embeddings().weight.detach()
 
-    words = [*world.COLORS, *world.SHAPES, *OPPOSITE]
+    words = [*world.COLORS, *world.SHAPES, *world.SIDES]
     ids = [processor.tokenizer(word, add_special_tokens=False)["input_ids"] for word in words]
     for word, word_ids in zip(words, ids):
         if len(word_ids) != 1:
@@ -73,10 +65,10 @@ def probe(checkpoint: str, samples: int) -> dict:
         kinds = [best[k] for k in world.SHAPES if k != shape.kind]
         add("kind", best[shape.kind])
         add("other kinds (mean)", sum(kinds) / len(kinds))
-        for side in sides(shape.cell, world.GRID):
+        for side in world.sides(shape):
             add("side", best[side])
-            add("opposite side", best[OPPOSITE[side]])
-            add("side above the opposite side", float(best[side] > best[OPPOSITE[side]]))
+            add("opposite side", best[world.OPPOSITE_SIDE[side]])
+            add("side above the opposite side", float(best[side] > best[world.OPPOSITE_SIDE[side]]))
         means.append(queries.mean(0))
         columns.append(shape.cell[1])
     result = {key: round(sum(values) / len(values), 3) for key, values in sums.items()}

@@ -34,7 +34,8 @@ RANKED = ("shapesworld_spatial", "shapesworld_binary")   # two candidates each: 
 def score(llm_dir: Path, samples: int) -> dict[str, float]:
     """Exact-match accuracy per dataset (and VQA question kind) with the scene text as context; ``pooled/...``: the
     same questions with the context one object per position (``language.pooled_context``); ``focused/...``: the
-    lookup questions with only what they ask about as context (``tasks.question_focus``)."""
+    lookup questions with only what they ask about as context (``tasks.question_focus``), and the spatial statements
+    with only the shape they name (``tasks.statement_focus``)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from instructblip.data import templates
@@ -80,19 +81,21 @@ def score(llm_dir: Path, samples: int) -> dict[str, float]:
         for prefix, pooled in (("", False), ("pooled/", True)):
             scores[prefix + "rank/" + name.removeprefix("shapesworld_")] = round(
                 ranked(model, tokenizer, name, samples, pooled), 1)
+    scores["focused/rank/spatial"] = round(ranked(model, tokenizer, "shapesworld_spatial", samples, focused=True), 1)
     return scores
 
 
-def ranked(model, tokenizer, name: str, samples: int, pooled: bool = False) -> float:
+def ranked(model, tokenizer, name: str, samples: int, pooled: bool = False, focused: bool = False) -> float:
     """Accuracy (spatial) or AUC x100 (binary) of ranking the two candidates by their log-likelihood after the scene
     text, BOS and the evaluation prompt: the runner's ``rank`` method (``LanguageModel.candidate_log_likelihoods``)
     with the true scene's embeddings in the queries' place; ``pooled``: the scene one object per position, as
-    :func:`score`'s ``pooled/`` answers."""
+    :func:`score`'s ``pooled/`` answers; ``focused``: a spatial statement's scene text holds only the shape it
+    names."""
     from sklearn.metrics import roc_auc_score
 
     from instructblip.data import templates
     from instructblip.model.language import LanguageModel
-    from instructblip.shapesworld import tasks
+    from instructblip.shapesworld import tasks, world
     from instructblip.shapesworld.language import pooled_context
 
     llm = LanguageModel({}, hf_model=model)
@@ -100,6 +103,8 @@ def ranked(model, tokenizer, name: str, samples: int, pooled: bool = False) -> f
     margins, labels = [], []
     for index in range(samples):
         record, _, context = tasks.build(name, "test", index, 0)
+        if focused:
+            context = world.compact(tasks.statement_focus(world.Scene.from_dict(record.extra["scene"]), record.text))
         instruction, _ = templates.render_evaluation(record)
         candidates = [token_ids(tokenizer, candidate) for candidate in record.candidates]
         width = max(len(c) for c in candidates)

@@ -247,6 +247,13 @@ def test_llm_ceiling_ranks_the_true_false_tasks_as_the_runner_does(demo_dir):
              for c in contexts]
     assert [a - b for a, b in zip(PrefersLabelOne.lengths, pooled_lengths)] == saved
     assert all(n > 0 for n in saved)
+    # focused: the named shape's text alone (one shape per scene, no written word): shorter where a word is written
+    whole_lengths, PrefersLabelOne.lengths = PrefersLabelOne.lengths, []
+    focused_share = shapesworld_llm.ranked(PrefersLabelOne(), tokenizer, "shapesworld_spatial", samples, focused=True)
+    assert focused_share == true_share
+    shorter = [whole - focused for whole, focused in zip(whole_lengths, PrefersLabelOne.lengths)]
+    assert all(n >= 0 for n in shorter)
+    assert [n > 0 for n in shorter] == ["word" in c.split() for c in contexts]
     scores = {name: shapesworld_llm.ranked(model, tokenizer, name, samples) for name in shapesworld_llm.RANKED}
     assert all(0.0 <= score <= 100.0 for score in scores.values())
     right = scores["shapesworld_spatial"] * samples / 100
@@ -259,8 +266,6 @@ def test_query_word_probe_compares_the_quick_demos_queries_with_the_named_shapes
     probe = import_script("experiments", "query_word_probe")
     from instructblip.shapesworld import tasks, world
 
-    assert probe.sides((0, 0), 3) == ["top", "left"] and probe.sides((1, 1), 3) == []
-    assert probe.sides((2, 1), 3) == ["bottom"]
     samples = 12
     result = probe.probe(str(demo_dir / "instruct" / "hf"), samples)
     expected_sides = 0
@@ -269,7 +274,7 @@ def test_query_word_probe_compares_the_quick_demos_queries_with_the_named_shapes
         _, color, kind = record.text.split()[:3]
         scene = world.Scene.from_dict(record.extra["scene"])
         shape = next(s for s in scene.shapes if (s.color, s.kind) == (color, kind))
-        expected_sides += len(probe.sides(shape.cell, world.GRID))
+        expected_sides += len(world.sides(shape))
     assert result["n"]["colour"] == result["n"]["kind"] == samples
     assert result["n"]["side"] == result["n"]["side above the opposite side"] == expected_sides > 0
     for key in ("colour", "other colours (mean)", "kind", "other kinds (mean)", "side", "opposite side"):

@@ -1,4 +1,5 @@
-"""``focused_contexts``: a share of the LLM's lookup documents give as scene text only what the question asks about."""
+"""``focused_contexts``: a share of the LLM's lookup and statement documents give as scene text only what they
+are about."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ def test_the_focus_of_a_lookup_question_still_answers_it(index):
     assert focus is not None and len(focus.shapes) == 1 and focus.word is None
     shape = focus.shapes[0]
     assert shape in scene.shapes
+    if kind == "side":   # "is the red square at the left of the image?"
+        side = record.question.split(" at the ")[1].split()[0]
+        assert answer == ("yes" if side in world.sides(shape) else "no")
+        return
     assert answer == {"color": shape.color, "shape": shape.kind, "size": shape.size, "where": shape.where}[kind]
 
 
@@ -49,10 +54,11 @@ def test_focused_documents_change_only_the_scene_text_of_lookups():
     focused = world_text.documents(96, seed=0, unmarked_words=0.5, focused_contexts=1.0)
     assert focused == world_text.documents(96, seed=0, unmarked_words=0.5, focused_contexts=1.0)
     names = list(tasks.TASKS)
+    focusable = (*world_text.FOCUSABLE, "shapesworld_spatial")
     changed = 0
     for index, (a, b) in enumerate(zip(plain, focused)):
         assert (a.instruction, a.answer) == (b.instruction, b.answer)
-        if names[index % len(names)] not in world_text.FOCUSABLE:
+        if names[index % len(names)] not in focusable:
             assert a.context == b.context
             continue
         # the focused text is the plain one with whole objects left out: each of its sentences is one of plain's
@@ -61,6 +67,13 @@ def test_focused_documents_change_only_the_scene_text_of_lookups():
     assert changed >= 8
     half = world_text.documents(96, seed=0, unmarked_words=0.5, focused_contexts=0.5)
     assert 0 < sum(a != b for a, b in zip(plain, half)) < changed
+
+
+def test_a_statement_focus_holds_the_named_shape_alone():
+    for index in range(20):
+        record, scene = _val("shapesworld_spatial", index)
+        focus = tasks.statement_focus(scene, record.text)
+        assert [f"the {s.color} {s.kind} is" for s in focus.shapes] == [record.text.split(" at the ")[0]]
 
 
 def test_focus_keeps_the_scene_text_format():

@@ -194,3 +194,27 @@ def test_instruction_loss_adds_the_instructions_own_mean_at_its_weight():
     assert torch.allclose(weighted.document_loss(batch), torch.stack(expected).mean(), atol=1e-5)
     assert "instruction_labels" not in plain.collate(rows)
     assert weighted.document_loss(batch) > plain.document_loss(plain.collate(rows))
+
+
+def test_judged_documents_take_their_own_instruction_loss():
+    docs, tokenizer = _setup()
+    judged = [doc.judged for doc in docs]
+    assert any(judged) and not all(judged)
+    assert all(doc.answer in ("true", "false", "yes", "no") for doc in docs if doc.judged)
+    assert all(doc.judged for doc in docs if doc.answer in ("true", "false"))
+    rows = [(row, start, doc.judged) for (row, start), doc in zip(encode_documents(tokenizer, docs, 160), docs)]
+    vocab = len(tokenizer)
+    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0))
+    model = lambda input_ids, attention_mask: type("Out", (), {"logits": table[input_ids]})()  # noqa: E731
+    module = CausalLMPretraining(model, tokenizer.pad_token_id, 1e-3, 1, 2, bos_id=tokenizer.bos_token_id,
+                                 instruction_loss=0.5, statement_instruction_loss=0.0)
+    batch = module.collate(rows)
+    assert batch["instruction_weights"].tolist() == [0.0 if j else 0.5 for j in judged]
+    expected = []
+    for doc, (row, start, _) in zip(docs, rows):
+        instruction = len(tokenizer(doc.instruction, add_special_tokens=False)["input_ids"])
+        ids = torch.tensor(row)
+        per_token = torch.nn.functional.cross_entropy(table[ids[:-1]], ids[1:], reduction="none")
+        weight = 0.0 if doc.judged else 0.5
+        expected.append(per_token[start - 1:].mean() + weight * per_token[start - 1 - instruction: start - 1].mean())
+    assert torch.allclose(module.document_loss(batch), torch.stack(expected).mean(), atol=1e-5)

@@ -78,16 +78,29 @@ def test_answers_follow_from_the_scene(index):
         assert [s.where for s in scene.shapes if (s.color, s.kind) == (color, kind)] == [answer]
 
 
+def test_sides_are_those_of_the_cell_on_the_frame():
+    def at(cell):
+        return world.sides(world.Shape("circle", "red", "small", cell, (0, 0)))
+
+    assert at((0, 0)) == ["top", "left"] and at((1, 1)) == [] and at((2, 1)) == ["bottom"]
+    assert at((world.GRID - 1, world.GRID - 1)) == ["bottom", "right"]
+
+
 def test_spatial_statements_are_true_exactly_when_labelled():
+    labels = []
     for index in range(100):
-        record, _, _ = tasks.build("shapesworld_spatial", "test", index, seed=0)
+        record, image, _ = tasks.build("shapesworld_spatial", "test", index, seed=0)
         scene = Scene.from_dict(record.extra["scene"])
-        subject, relation_object = record.text.removeprefix("the ").rstrip(".").split(" is ")
-        relation = next(r for r in tasks.RELATIONS if relation_object.startswith(r))
-        target = relation_object.removeprefix(relation + " the ")
-        a = next(s for s in scene.shapes if f"{s.color} {s.kind}" == subject)
-        b = next(s for s in scene.shapes if f"{s.color} {s.kind}" == target)
-        assert (relation in world.relation(a, b)) == bool(record.label)
+        subject, side = record.text.removeprefix("the ").removesuffix(" of the image.").split(" is at the ")
+        (shape,) = [s for s in scene.shapes if f"{s.color} {s.kind}" == subject]
+        # on the pixels: the shape's colour at its centre, and that centre in the third of the image the side names
+        x, y = shape.center
+        assert tuple(_pixels(image)[y + 1, x]) == COLORS[shape.color]
+        third = {"left": x < scene.size / 3, "right": x > 2 * scene.size / 3,
+                 "top": y < scene.size / 3, "bottom": y > 2 * scene.size / 3}
+        assert third[side] == bool(record.label) == (side in world.sides(shape)), record.text
+        labels.append(record.label)
+    assert 30 < sum(labels) < 70
 
 
 def test_clip_moves_one_way_and_answers_name_it():

@@ -51,6 +51,9 @@ class LanguageConfig:
     pooled_contexts: float = 0.0  # share of documents whose scene text stands one object per position (pooled_context)
     focused_contexts: float = 0.0  # share of lookup documents whose scene text is what they ask about (text.documents)
     instruction_loss: float = 0.0  # weight of each document's mean loss on its instruction beside its answer's
+    # the same weight for the documents judging where a shape lies (text.Document.judged; None: instruction_loss),
+    # see CausalLMPretraining
+    statement_instruction_loss: float | None = None
 
 
 class _Sequences(Dataset):
@@ -127,30 +130,38 @@ class CausalLMPretraining(L.LightningModule):
 
     With ``instruction_loss`` > 0 (and ``bos_id``), the instruction after BOS is predicted too, at that weight: a
     question names objects of the scene before it ("what color is the circle?"), so predicting its words trains
-    the same look-back into the context that answering needs, from tokens every document already computes."""
+    the same look-back into the context that answering needs, from tokens every document already computes.
+
+    Rows marked judged (``(ids, answer_start, True)``: a spatial statement or a side question, whose instruction
+    names the side to be judged) take ``statement_instruction_loss`` instead. Their words are no question about the
+    scene: predicting them teaches guessing the side word a true statement copies from the scene text, and with that
+    loss the LM never learnt to judge one, while without it it did within 1500 steps (experiments/README.md,
+    "Session 21")."""
 
     def __init__(self, model, pad_id: int, lr: float, warmup: int, steps: int, bos_id: int | None = None,
-                 instruction_loss: float = 0.0):
+                 instruction_loss: float = 0.0, statement_instruction_loss: float | None = None):
         super().__init__()
-        if instruction_loss and bos_id is None:
+        if (instruction_loss or statement_instruction_loss) and bos_id is None:
             raise ValueError("instruction_loss needs bos_id: the instruction is what follows BOS")
         self.model = model
         self.pad_id, self.lr, self.warmup, self.steps = pad_id, lr, warmup, steps
         self.bos_id, self.instruction_loss = bos_id, instruction_loss
+        self.statement_instruction_loss = (instruction_loss if statement_instruction_loss is None
+                                           else statement_instruction_loss)
         self.losses: list[float] = []
 
     def collate(self, rows: list[tuple[list, int]]) -> dict[str, torch.Tensor]:
         """Padded ids, mask and labels; with pooled positions (tuples of ids) in the batch, also ``input_groups``
         (batch, length, ids per position) and its ``group_mask``."""
-        width = max(len(r) for r, _ in rows)
-        depth = max(len(t) if isinstance(t, tuple) else 1 for row, _ in rows for t in row)
+        width = max(len(r) for r, *_ in rows)
+        depth = max(len(t) if isinstance(t, tuple) else 1 for row, *_ in rows for t in row)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
         if depth > 1:
             groups = torch.full((len(rows), width, depth), self.pad_id, dtype=torch.long)
             group_mask = torch.zeros((len(rows), width, depth))
-        for i, (row, answer_start) in enumerate(rows):
+        for i, (row, answer_start, *_) in enumerate(rows):
             if depth == 1:
                 ids[i, : len(row)] = torch.tensor(row)
             else:
@@ -162,14 +173,17 @@ class CausalLMPretraining(L.LightningModule):
             mask[i, : len(row)] = 1
             labels[i, answer_start: len(row)] = ids[i, answer_start: len(row)]
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        if self.instruction_loss:
+        if self.instruction_loss or self.statement_instruction_loss:
             # after the last BOS before the answer, up to the answer (a document cut at max_length may have lost its
             # BOS: no labels then)
             position = torch.arange(width)
-            answer_start = torch.tensor([start for _, start in rows])[:, None]
+            answer_start = torch.tensor([start for _, start, *_ in rows])[:, None]
             last_bos = torch.where((ids == self.bos_id) & (position < answer_start), position, -1).amax(1, keepdim=True)
             inside = (position > last_bos) & (position < answer_start) & (last_bos >= 0)
             batch["instruction_labels"] = torch.where(inside, ids, -100)
+            batch["instruction_weights"] = torch.tensor([
+                self.statement_instruction_loss if judged and judged[0] else self.instruction_loss
+                for _, _, *judged in rows])
         if depth > 1:
             batch.update(input_groups=groups, group_mask=group_mask)
         return batch
@@ -200,7 +214,7 @@ class CausalLMPretraining(L.LightningModule):
 
         loss, labelled = per_document(batch["labels"])
         if "instruction_labels" in batch:
-            loss = loss + self.instruction_loss * per_document(batch["instruction_labels"])[0]
+            loss = loss + batch["instruction_weights"] * per_document(batch["instruction_labels"])[0]
         return loss[labelled].mean()
 
     def configure_optimizers(self):
@@ -254,10 +268,11 @@ def pretrain_language(cfg: LanguageConfig, progress: bool = True) -> Path:
     tokenizer = train_tokenizer(world_text.tokenizer_corpus(docs), cfg.tokenizer_vocab)
     pooled_rng = random.Random(f"{cfg.seed}/pooled")  # its own stream: the documents stay those of a share of 0
     pooled = [bool(doc.context) and pooled_rng.random() < cfg.pooled_contexts for doc in docs]
-    rows = encode_documents(tokenizer, docs, cfg.max_length, pooled)
+    rows = [(row, start, doc.judged) for (row, start), doc in
+            zip(encode_documents(tokenizer, docs, cfg.max_length, pooled), docs)]
     phases = [(phase["steps"], _pool_rows(named, phase["pools"], cfg.documents)) for phase in cfg.curriculum]
     phases.append((cfg.steps, list(range(len(rows)))))
-    batches = CurriculumBatches([len(row) for row, _ in rows], phases, cfg.batch_size, cfg.length_window, cfg.seed)
+    batches = CurriculumBatches([len(row) for row, *_ in rows], phases, cfg.batch_size, cfg.length_window, cfg.seed)
     vocab = ((len(tokenizer) + 63) // 64) * 64
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -267,7 +282,8 @@ def pretrain_language(cfg: LanguageConfig, progress: bool = True) -> Path:
     )
     model = LlamaForCausalLM(config)
     module = CausalLMPretraining(model, tokenizer.pad_token_id, cfg.lr, cfg.warmup, len(batches),
-                                 bos_id=tokenizer.bos_token_id, instruction_loss=cfg.instruction_loss)
+                                 bos_id=tokenizer.bos_token_id, instruction_loss=cfg.instruction_loss,
+                                 statement_instruction_loss=cfg.statement_instruction_loss)
     loader = DataLoader(_Sequences(rows), batch_sampler=batches, collate_fn=module.collate)
     trainer = L.Trainer(max_steps=len(batches), accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=progress, enable_model_summary=False, gradient_clip_val=1.0,

@@ -35,6 +35,8 @@ class Document:
     context: str
     instruction: str
     answer: str
+    # a judgement of where one shape lies: a spatial statement (true / false) or a VQA side question (yes / no)
+    judged: bool = False
 
 
 def documents(n: int, seed: int, names: list[str] | None = None, unmarked_words: float = 0.0,
@@ -51,9 +53,10 @@ def documents(n: int, seed: int, names: list[str] | None = None, unmarked_words:
     the documents' instructions and answers are those of ``shuffled_objects=0``.
 
     In a share ``focused_contexts`` of the documents whose question looks one thing up (VQA's colour, shape, size
-    and cell questions; OCR's) the scene text holds only what the question is about (:func:`tasks.question_focus`):
-    the LLM then answers from a part of a scene as well as from a whole one, which is what an instruction-aware
-    Q-Former can hand it. Its draws come from a stream of their own too.
+    and cell questions; OCR's) the scene text holds only what the question is about (:func:`tasks.question_focus`),
+    and so in that share of the spatial statements (:func:`tasks.statement_focus`): the LLM then answers from a part
+    of a scene as well as from a whole one, which is what an instruction-aware Q-Former can hand it. Its draws come
+    from a stream of their own too.
 
     ``"shapesworld_vqa/<kind>"`` names VQA documents that all ask one sort of question (a kind of
     :data:`tasks.QUESTION_KINDS`): the LLM's pretraining curriculum introduces its lookups one at a time."""
@@ -75,11 +78,15 @@ def documents(n: int, seed: int, names: list[str] | None = None, unmarked_words:
             focus = tasks.question_focus(world.Scene.from_dict(record.extra["scene"]), record.question)
             if focus is not None:
                 context = world.compact(focus)
+        if focused_contexts and name == "shapesworld_spatial" and focus_rng.random() < focused_contexts:
+            context = world.compact(tasks.statement_focus(world.Scene.from_dict(record.extra["scene"]), record.text))
         if unmarked_words and rng.random() < unmarked_words:
             context = context.replace("word ", "")
         if shuffled_objects and order_rng.random() < shuffled_objects:
             context = shuffle_objects(context, order_rng)
-        out.append(Document(context, instruction, answer))
+        judged = name == "shapesworld_spatial" or (name == "shapesworld_vqa"
+                                                   and tasks.question_kind(record.question) == "side")
+        out.append(Document(context, instruction, answer, judged))
     return out
 
 

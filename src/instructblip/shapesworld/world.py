@@ -244,6 +244,18 @@ def relation(a: Shape, b: Shape) -> list[str]:
     return out
 
 
+SIDES = ("top", "bottom", "left", "right")
+OPPOSITE_SIDE = {"top": "bottom", "bottom": "top", "left": "right", "right": "left"}
+
+
+def sides(shape: Shape) -> list[str]:
+    """The sides of the image the shape's cell lies along ("top" and "left" for the top-left cell; none for the
+    centre)."""
+    row, column = shape.cell
+    at = {"top": row == 0, "bottom": row == GRID - 1, "left": column == 0, "right": column == GRID - 1}
+    return [side for side in SIDES if at[side]]
+
+
 def describe(scene: Scene) -> str:
     """The detailed description: the count, every shape with its size, colour, kind and cell, then the word."""
     ordered = sorted(scene.shapes, key=lambda s: s.cell)
