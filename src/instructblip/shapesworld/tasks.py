@@ -189,15 +189,6 @@ def count_question(rng: random.Random, scene: Scene) -> tuple[str, str]:
     return f"how many {kind}s are there?", DIGITS[n]
 
 
-def related_pairs(scene: Scene):
-    """(a, relation, b) for every ordered pair of shapes and every relation that holds from a to b."""
-    for a in scene.shapes:
-        for b in scene.shapes:
-            if a is not b:
-                for rel in world.relation(a, b):
-                    yield a, rel, b
-
-
 def compositional_question(rng: random.Random, scene: Scene) -> tuple[str, str] | None:
     """'what color is the shape left of the red circle?' when exactly one shape stands in that relation."""
     options = []
@@ -309,9 +300,9 @@ def build_spatial(rng, split, index):
     or false with even odds; a false one names the side opposite one the shape lies along, which cannot hold.
 
     Why one shape and not VSR's two: judging "a is left of b" from the scene text needs the cells of two shapes
-    bound to their names and compared, and the 2-layer LLM learnt that in none of sessions 13-20's recipes, nor in
-    a plain loop trained on nothing else (experiments/README.md, "Session 21"). The relations between two shapes
-    stay in the held-out compositional questions."""
+    bound to their names and compared, and the LLM (2 layers then) learnt that in none of sessions 13-20's recipes,
+    nor in a plain loop trained on nothing else (experiments/README.md, "Session 21"). The relations between two
+    shapes stay in the held-out compositional questions."""
     while True:
         scene, image = _scene(rng, min_shapes=1, max_shapes=1)
         placed = [(shape, side) for shape in scene.shapes for side in world.sides(shape)]
