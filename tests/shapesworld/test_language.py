@@ -20,7 +20,7 @@ def test_labels_cover_the_answer_and_eos_only():
     rows = encode_documents(tokenizer, docs, max_length=160)
     module = CausalLMPretraining(torch.nn.Identity(), tokenizer.pad_token_id, 1e-3, 1, 2)
     batch = module.collate(rows[:4])
-    for i, (doc, (row, answer_start)) in enumerate(zip(docs[:4], rows[:4])):
+    for i, (doc, (row, answer_start, _)) in enumerate(zip(docs[:4], rows[:4])):
         answer = tokenizer(doc.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         labelled = batch["labels"][i][batch["labels"][i] != -100].tolist()
         assert labelled == answer, (doc, labelled)
@@ -45,7 +45,7 @@ def test_the_loss_is_the_mean_of_per_document_means():
     module = CausalLMPretraining(model, tokenizer.pad_token_id, 1e-3, 1, 2)
     loss = module.document_loss(module.collate(rows))
     means = []
-    for row, start in rows:
+    for row, start, _ in rows:
         ids = torch.tensor(row)
         logits = model.table[ids[:-1]]
         targets = ids[1:]
@@ -53,7 +53,7 @@ def test_the_loss_is_the_mean_of_per_document_means():
         means.append(per_token[start - 1:].mean())
     assert torch.allclose(loss, torch.stack(means).mean(), atol=1e-5)
     # documents of very different answer lengths: a token mean would differ
-    lengths = [len(row) - start for row, start in rows]
+    lengths = [len(row) - start for row, start, _ in rows]
     assert len(set(lengths)) > 1
 
 
@@ -148,7 +148,7 @@ def test_pooled_contexts_stand_each_object_in_one_position_with_its_words_mean_e
 
     pooled = [True, False, True, False]
     rows = encode_documents(tokenizer, docs, max_length=160, pooled=pooled)
-    for doc, (row, start), is_pooled in zip(docs, rows, pooled):
+    for doc, (row, start, _), is_pooled in zip(docs, rows, pooled):
         context_positions = len(pooled_context(tokenizer, doc.context)) if is_pooled else len(ids(doc.context))
         assert start == context_positions + 1 + len(ids(doc.instruction))
         assert all(isinstance(t, tuple) for t in row[:context_positions]) == is_pooled
@@ -162,7 +162,7 @@ def test_pooled_contexts_stand_each_object_in_one_position_with_its_words_mean_e
     loss = module.document_loss(batch)
     table = model.get_input_embeddings().weight
     means = []
-    for row, start in rows:   # each row alone, its embeddings built by hand
+    for row, start, _ in rows:   # each row alone, its embeddings built by hand
         embeds = torch.stack([table[list(t)].mean(0) if isinstance(t, tuple) else table[t] for t in row])
         logits = model(inputs_embeds=embeds[None]).logits[0, :-1]
         targets = torch.tensor([t if isinstance(t, int) else -100 for t in row[1:]])
@@ -185,7 +185,7 @@ def test_instruction_loss_adds_the_instructions_own_mean_at_its_weight():
                                    instruction_loss=0.5)
     batch = weighted.collate(rows)
     expected = []
-    for i, (doc, (row, start)) in enumerate(zip(docs, rows)):
+    for i, (doc, (row, start, _)) in enumerate(zip(docs, rows)):
         instruction = tokenizer(doc.instruction, add_special_tokens=False)["input_ids"]
         assert batch["instruction_labels"][i][batch["instruction_labels"][i] != -100].tolist() == instruction
         ids = torch.tensor(row)
@@ -202,7 +202,8 @@ def test_judged_documents_take_their_own_instruction_loss():
     assert any(judged) and not all(judged)
     assert all(doc.answer in ("true", "false", "yes", "no") for doc in docs if doc.judged)
     assert all(doc.judged for doc in docs if doc.answer in ("true", "false"))
-    rows = [(row, start, doc.judged) for (row, start), doc in zip(encode_documents(tokenizer, docs, 160), docs)]
+    rows = encode_documents(tokenizer, docs, max_length=160)
+    assert [judged for _, _, judged in rows] == judged
     vocab = len(tokenizer)
     table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0))
     model = lambda input_ids, attention_mask: type("Out", (), {"logits": table[input_ids]})()  # noqa: E731

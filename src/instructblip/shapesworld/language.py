@@ -106,10 +106,11 @@ def pooled_context(tokenizer, context: str) -> list[tuple[int, ...]]:
 
 
 def encode_documents(tokenizer, docs: list[world_text.Document], max_length: int,
-                     pooled: list[bool] | None = None) -> list[tuple[list, int]]:
+                     pooled: list[bool] | None = None) -> list[tuple[list, int, bool]]:
     """``context BOS instruction answer EOS`` as ids, each part tokenized alone (as the processor does), with the
-    position where the answer starts. Where ``pooled[i]``, document i's context is :func:`pooled_context`'s: its
-    row holds a tuple of ids for each object, one position each."""
+    position where the answer starts and whether the document is judged (``Document.judged``). Where ``pooled[i]``,
+    document i's context is :func:`pooled_context`'s: its row holds a tuple of ids for each object, one position
+    each."""
     def ids(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
@@ -119,7 +120,7 @@ def encode_documents(tokenizer, docs: list[world_text.Document], max_length: int
         prompt = context + [tokenizer.bos_token_id] + ids(doc.instruction)
         row = (prompt + ids(doc.answer) + [tokenizer.eos_token_id])
         cut = max(0, len(row) - max_length)
-        rows.append((row[cut:], max(0, len(prompt) - cut)))
+        rows.append((row[cut:], max(0, len(prompt) - cut), doc.judged))
     return rows
 
 
@@ -132,7 +133,8 @@ class CausalLMPretraining(L.LightningModule):
     question names objects of the scene before it ("what color is the circle?"), so predicting its words trains
     the same look-back into the context that answering needs, from tokens every document already computes.
 
-    Rows marked judged (``(ids, answer_start, True)``: a spatial statement or a side question, whose instruction
+    Rows marked judged (``(ids, answer_start, True)``, :func:`encode_documents`: a spatial statement or a side
+    question, whose instruction
     names the side to be judged) take ``statement_instruction_loss`` instead. Their words are no question about the
     scene: predicting them teaches guessing the side word a true statement copies from the scene text, and with that
     loss the LM never learnt to judge one, while without it it did within 1500 steps (experiments/README.md,
@@ -150,18 +152,18 @@ class CausalLMPretraining(L.LightningModule):
                                            else statement_instruction_loss)
         self.losses: list[float] = []
 
-    def collate(self, rows: list[tuple[list, int]]) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[tuple[list, int, bool]]) -> dict[str, torch.Tensor]:
         """Padded ids, mask and labels; with pooled positions (tuples of ids) in the batch, also ``input_groups``
         (batch, length, ids per position) and its ``group_mask``."""
-        width = max(len(r) for r, *_ in rows)
-        depth = max(len(t) if isinstance(t, tuple) else 1 for row, *_ in rows for t in row)
+        width = max(len(r) for r, _, _ in rows)
+        depth = max(len(t) if isinstance(t, tuple) else 1 for row, _, _ in rows for t in row)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
         if depth > 1:
             groups = torch.full((len(rows), width, depth), self.pad_id, dtype=torch.long)
             group_mask = torch.zeros((len(rows), width, depth))
-        for i, (row, answer_start, *_) in enumerate(rows):
+        for i, (row, answer_start, _) in enumerate(rows):
             if depth == 1:
                 ids[i, : len(row)] = torch.tensor(row)
             else:
@@ -177,13 +179,12 @@ class CausalLMPretraining(L.LightningModule):
             # after the last BOS before the answer, up to the answer (a document cut at max_length may have lost its
             # BOS: no labels then)
             position = torch.arange(width)
-            answer_start = torch.tensor([start for _, start, *_ in rows])[:, None]
+            answer_start = torch.tensor([start for _, start, _ in rows])[:, None]
             last_bos = torch.where((ids == self.bos_id) & (position < answer_start), position, -1).amax(1, keepdim=True)
             inside = (position > last_bos) & (position < answer_start) & (last_bos >= 0)
             batch["instruction_labels"] = torch.where(inside, ids, -100)
             batch["instruction_weights"] = torch.tensor([
-                self.statement_instruction_loss if judged and judged[0] else self.instruction_loss
-                for _, _, *judged in rows])
+                self.statement_instruction_loss if judged else self.instruction_loss for _, _, judged in rows])
         if depth > 1:
             batch.update(input_groups=groups, group_mask=group_mask)
         return batch
@@ -268,11 +269,10 @@ def pretrain_language(cfg: LanguageConfig, progress: bool = True) -> Path:
     tokenizer = train_tokenizer(world_text.tokenizer_corpus(docs), cfg.tokenizer_vocab)
     pooled_rng = random.Random(f"{cfg.seed}/pooled")  # its own stream: the documents stay those of a share of 0
     pooled = [bool(doc.context) and pooled_rng.random() < cfg.pooled_contexts for doc in docs]
-    rows = [(row, start, doc.judged) for (row, start), doc in
-            zip(encode_documents(tokenizer, docs, cfg.max_length, pooled), docs)]
+    rows = encode_documents(tokenizer, docs, cfg.max_length, pooled)
     phases = [(phase["steps"], _pool_rows(named, phase["pools"], cfg.documents)) for phase in cfg.curriculum]
     phases.append((cfg.steps, list(range(len(rows)))))
-    batches = CurriculumBatches([len(row) for row, *_ in rows], phases, cfg.batch_size, cfg.length_window, cfg.seed)
+    batches = CurriculumBatches([len(row) for row, _, _ in rows], phases, cfg.batch_size, cfg.length_window, cfg.seed)
     vocab = ((len(tokenizer) + 63) // 64) * 64
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
