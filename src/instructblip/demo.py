@@ -77,6 +77,9 @@ class DemoSettings:
     # LLM that counts from the true scene text in 78% of cases instead of 86, and held-in 84.0 instead of 89.5
     # (experiments/README.md, "Session 13")
     pretrain_threads: int = 1
+    # ... in the LLM's pretraining alone (None: pretrain_threads). Two: 1.4x faster, another draw: the 3-layer LLM
+    # then lost its existence lookup (binary AUC 51.0) and make demo's held-in fell to 83.0 (session 28)
+    llm_threads: int | None = None
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -229,6 +232,10 @@ class Demo:
         ]
         if experiment == "shapesworld_stage1":
             overrides.append(f"stage.module.bert={self.out / 'bert'}")
+        elif not _bf16_matrix_units():
+            # the experiments autocast the Q-Former to bf16 for this machine's AMX; without bf16 units it would be
+            # emulated, slower than fp32
+            overrides.append("stage.module.qformer_autocast=null")
         if init_from is not None:
             overrides.append(f"model.init_from={init_from}")
         if steps is not None:
@@ -298,6 +305,7 @@ class Demo:
         start, cpu = time.time(), time.process_time()
         self.stage("data", self.data_done(), self.run_data)
         self.stage("vision", (self.out / "vision" / "trunk.safetensors").exists(), self.run_vision)
+        torch.set_num_threads(self.s.llm_threads or self.s.pretrain_threads)
         self.stage("llm", (self.out / "llm" / "config.json").exists(), self.run_llm)
         torch.set_num_threads(self.s.threads)
         self.stage("base", (self.out / "base" / "config.json").exists(), self.run_base)
@@ -334,6 +342,13 @@ GENERATION = {
     "short": {"num_beams": 1, "max_new_tokens": 10, "min_new_tokens": 1},
     "long": {"num_beams": 1, "max_new_tokens": 60, "min_new_tokens": 1},
 }
+
+
+def _bf16_matrix_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX)."""
+    import torch
+
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def compose_train(overrides: list[str], run_dir: Path):

@@ -90,6 +90,8 @@ def test_config_errors_name_the_key_and_the_allowed_values(tmp_path):
         ("stage=blip2_stage2", "model.overrides.instruction_aware=true"):
             r"instruction_aware=true is impossible with stage=blip2_stage2.*allowed: false",
         ("optimizer.lr=-1",): r"optimizer.lr=-1 \(int\); expected a number > 0",
+        ("stage.module.qformer_autocast=float16",):
+            r"stage.module.qformer_autocast='float16' \(str\); expected null, bfloat16",
     }
     for overrides, message in cases.items():
         with pytest.raises(ConfigError, match=message) as caught:

@@ -40,7 +40,8 @@ from torch import nn
 
 from instructblip.errors import CheckpointError, ConfigError, InstructBlipError
 from instructblip.train.data import position_seed
-from instructblip.train.validate import COMPILE_MODES, COMPILE_SCOPES, LOSS_WEIGHTINGS, STEP_MODES
+from instructblip.train.parallelize import autocast_forward
+from instructblip.train.validate import COMPILE_MODES, COMPILE_SCOPES, LOSS_WEIGHTINGS, QFORMER_AUTOCAST, STEP_MODES
 
 BOOKKEEPING_KEYS = ("dataset", "sample_index")
 
@@ -185,6 +186,7 @@ class InstructBlipModule(pl.LightningModule):
         frozen_llm_dropout: bool = True,
         loss_weighting: str = "token",
         step_mode: str = "automatic",
+        qformer_autocast: str | None = None,
     ):
         super().__init__()
         self.model_factory = model
@@ -206,6 +208,10 @@ class InstructBlipModule(pl.LightningModule):
         if step_mode not in STEP_MODES:
             raise ConfigError(f"stage.module.step_mode={step_mode!r}; allowed: {', '.join(STEP_MODES)}")
         self.step_mode = step_mode
+        if qformer_autocast is not None and qformer_autocast not in QFORMER_AUTOCAST:
+            raise ConfigError(f"stage.module.qformer_autocast={qformer_autocast!r}; allowed: null, "
+                              f"{', '.join(QFORMER_AUTOCAST)}")
+        self.qformer_autocast = getattr(torch, qformer_autocast) if qformer_autocast else None
         # the CudaGraphTrainSteps of step_mode cuda_graph (one per batch shape) or manual (one), built when needed
         self._whole_steps: dict = {}
         self._skipped_before_whole_step = 0  # non-finite skips counted before the first was built (a resume)
@@ -264,6 +270,8 @@ class InstructBlipModule(pl.LightningModule):
                 from instructblip.train.parallelize import parallelize
 
                 self.parallelize_fn = parallelize
+        if self.qformer_autocast is not None:
+            autocast_forward(self.model.qformer, self.qformer_autocast)
         if self.compile_backend and self.compile_scope == "whole":
             if sharded:
                 raise ConfigError("stage.module.compile_scope=whole is not supported with trainer=fsdp; "

@@ -87,6 +87,22 @@ def compute_dtype(trainer) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
 
 
+def autocast_forward(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Run ``module``'s forward (and so its backward) under autocast to ``dtype`` on its parameters' device, its
+    output handed back in fp32 (``stage.module.qformer_autocast``: the Q-Former under a 32-true trainer, what
+    follows it, the projection and the frozen LLM, staying fp32). The weights stay fp32 master weights; the
+    instance's ``forward`` is replaced, so the state dict and the checkpoints keep their names."""
+    forward = module.forward
+
+    def autocast(*args, **kwargs):
+        device = next(module.parameters()).device.type
+        with torch.autocast(device, dtype=dtype):
+            return forward(*args, **kwargs).float()
+
+    module.forward = autocast
+    return module
+
+
 def parallelize(model: nn.Module, trainer) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
