@@ -38,7 +38,7 @@ def fit(tiny_checkpoint, generated_data, run_dir, *overrides):
 def test_the_qformer_computes_in_bf16_and_everything_else_stays_fp32(tiny_checkpoint, generated_data, tmp_path):
     plain, plain_trainer, plain_dtypes = fit(tiny_checkpoint, generated_data, tmp_path / "fp32")
     mixed, trainer, dtypes = fit(tiny_checkpoint, generated_data, tmp_path / "bf16",
-                                    "stage.module.qformer_autocast=bfloat16")
+                                 "stage.module.qformer_autocast=bfloat16")
     assert str(trainer.precision) == "32-true" and trainer.global_step == plain_trainer.global_step == 3
     assert plain_dtypes.seen == {"qformer": {torch.float32}, "llm": {torch.float32}}
     assert dtypes.seen == {"qformer": {torch.bfloat16}, "llm": {torch.float32}}

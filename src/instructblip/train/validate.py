@@ -68,7 +68,7 @@ LOSS_WEIGHTINGS = ("token", "sample")
 # as a CUDA graph and replayed (instructblip.train.cuda_graph); manual: that same step run eagerly, on any device
 STEP_MODES = ("automatic", "cuda_graph", "manual")
 # the dtype the trainable Q-Former's forward (hence its backward) autocasts to, whatever the trainer's precision:
-# under 32-true on a CPU with bf16 matrix units (AMX) its matrix products run about 2.5x faster, while the frozen
+# under 32-true on a CPU with bf16 matrix units (AMX) its matrix products run 3-4x faster, while the frozen
 # LLM stays fp32 (bf16-mixed would autocast the LLM too, and CPU flash attention's bf16 backward is slower than fp32)
 QFORMER_AUTOCAST = ("bfloat16",)
 
