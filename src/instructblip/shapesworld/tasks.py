@@ -138,8 +138,9 @@ def attribute_question(rng: random.Random, scene: Scene, kind: str | None = None
         absent = [(c, k) for c in COLORS for k in SHAPES if (c, k) not in present]
         color, shape = rng.choice(absent)
         options.append(("exists", f"is there a {color} {shape}?", "no"))
-    if world.sides(s):   # yes / no whether the shape lies along a side of the image; a "no" names the opposite side
-        side, answer = rng.choice(world.sides(s)), "yes"
+    sides = world.sides(s)
+    if sides:   # yes / no whether the shape lies along a side of the image; a "no" names the opposite side
+        side, answer = rng.choice(sides), "yes"
         if rng.random() >= 0.5:
             side, answer = world.OPPOSITE_SIDE[side], "no"
         options.append(("side", f"is the {s.color} {s.kind} at the {side} of the image?", answer))
@@ -161,13 +162,18 @@ def question_focus(scene: Scene, question: str) -> Scene | None:
         return Scene(shapes=[], word=scene.word, size=scene.size) if scene.word is not None else None
     if not question.startswith(tuple(QUESTION_OPENINGS.values())):
         return None
-    kind = question_kind(question)
-    if kind == "exists" or (kind != "side" and any(rel in question for rel in RELATIONS)):
+    if question_kind(question) == "exists" or _relates_shapes(question):
         return None   # existence, or a relational question (compositional_question's) that needs the whole scene
     words = set(question.rstrip("?").split())
     colors, kinds = words & set(COLORS), words & set(SHAPES)
     shapes = [s for s in scene.shapes if (not colors or s.color in colors) and (not kinds or s.kind in kinds)]
     return Scene(shapes=shapes, size=scene.size) if shapes else None
+
+
+def _relates_shapes(question: str) -> bool:
+    """Whether the question places a shape against another ("... left of the red circle?"); a side question's "at
+    the left of the image" places it against the frame."""
+    return any(f"{rel} the {color} " in question for rel in RELATIONS for color in COLORS)
 
 
 def statement_focus(scene: Scene, statement: str) -> Scene:
